@@ -1,0 +1,165 @@
+// The one file that talks to torch: checks tensors, fills the plain parameter
+// structs, picks the device and stream, and calls the kernels' launchers.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "params.h"
+
+#ifndef FLASH_EXT_HEAD_DIMS  // setup.py passes the head dims it built
+#define FLASH_EXT_HEAD_DIMS 32, 64, 96, 128, 160, 192, 224, 256
+#endif
+
+namespace {
+
+constexpr int kBuiltHeadDims[] = {FLASH_EXT_HEAD_DIMS};
+constexpr int kAlignElems = 8;  // the kernels copy 16-byte chunks
+
+// Tests set this so every output starts as NaN and must be written by the kernel.
+bool g_poison_outputs = false;
+
+constexpr bool is_built(int head_dim) {
+    for (int d : kBuiltHeadDims) {
+        if (d == head_dim) return true;
+    }
+    return false;
+}
+
+// The smallest compiled head dim that holds head_dim, or -1.
+int compiled_head_dim(int head_dim) {
+    int best = -1;
+    for (int d : kBuiltHeadDims) {
+        if (d >= head_dim && (best < 0 || d < best)) best = d;
+    }
+    return best;
+}
+
+void check_operand(const at::Tensor& x, const char* name, const at::Tensor& q) {
+    TORCH_CHECK_VALUE(x.is_cuda(), "flash_ext: ", name, " must be a CUDA tensor");
+    TORCH_CHECK_VALUE(x.device() == q.device(), "flash_ext: ", name, " is on ", x.device(), " but q is on ", q.device());
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                     "flash_ext: ", name, " must be float16 or bfloat16, got ", x.scalar_type());
+    TORCH_CHECK_TYPE(x.scalar_type() == q.scalar_type(), "flash_ext: ", name, " has dtype ", x.scalar_type(),
+                     " but q has ", q.scalar_type());
+    TORCH_CHECK_VALUE(x.dim() == 4, "flash_ext: ", name, " must be 4-D (batch, heads, seqlen, head_dim)");
+    TORCH_CHECK_VALUE(x.size(3) == q.size(3), "flash_ext: ", name, " has head_dim ", x.size(3), " but q has ", q.size(3));
+    TORCH_CHECK_VALUE(x.stride(3) == 1, "flash_ext: ", name, " must have unit stride in head_dim, got strides ",
+                      x.strides());
+    for (int i = 0; i < 3; ++i) {
+        TORCH_CHECK_VALUE(x.stride(i) % kAlignElems == 0 || x.size(i) == 1, "flash_ext: ", name,
+                          " strides must be multiples of 8 elements (16 bytes), got ", x.strides());
+    }
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "flash_ext: ", name,
+                      " must start on a 16-byte boundary");
+}
+
+template <int kHeadDim>
+void run_head_dim(const flash::FwdParams& p, bool bf16, bool causal, cudaStream_t stream) {
+    if (bf16) {
+        causal ? flash::run_fwd_sm80<flash::Bf16, kHeadDim, true>(p, stream)
+               : flash::run_fwd_sm80<flash::Bf16, kHeadDim, false>(p, stream);
+    } else {
+        causal ? flash::run_fwd_sm80<flash::Fp16, kHeadDim, true>(p, stream)
+               : flash::run_fwd_sm80<flash::Fp16, kHeadDim, false>(p, stream);
+    }
+}
+
+#define FLASH_HEAD_DIM_CASE(D)                                                   \
+    case D:                                                                      \
+        if constexpr (is_built(D)) return run_head_dim<D>(p, bf16, causal, stream); \
+        break;
+
+void run_fwd(const flash::FwdParams& p, int head_dim, bool bf16, bool causal, cudaStream_t stream) {
+    switch (head_dim) {
+        FLASH_HEAD_DIM_CASE(32)
+        FLASH_HEAD_DIM_CASE(64)
+        FLASH_HEAD_DIM_CASE(96)
+        FLASH_HEAD_DIM_CASE(128)
+        FLASH_HEAD_DIM_CASE(160)
+        FLASH_HEAD_DIM_CASE(192)
+        FLASH_HEAD_DIM_CASE(224)
+        FLASH_HEAD_DIM_CASE(256)
+    }
+    TORCH_CHECK_VALUE(false, "flash_ext: no forward kernel built for head dim ", head_dim);
+}
+
+void set_strides(int64_t& batch, int64_t& head, int64_t& row, const at::Tensor& x) {
+    batch = x.stride(0);
+    head = x.stride(1);
+    row = x.stride(2);
+}
+
+std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                            double scale) {
+    check_operand(q, "q", q);
+    check_operand(k, "k", q);
+    check_operand(v, "v", q);
+    const int64_t head_dim = q.size(3);
+    TORCH_CHECK_VALUE(head_dim % kAlignElems == 0, "flash_ext: head_dim must be a multiple of 8, got ", head_dim);
+    const int kernel_head_dim = compiled_head_dim(static_cast<int>(head_dim));
+    TORCH_CHECK_VALUE(kernel_head_dim > 0, "flash_ext: head_dim ", head_dim, " is larger than the largest built (",
+                      kBuiltHeadDims[sizeof(kBuiltHeadDims) / sizeof(int) - 1], ")");
+    TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "flash_ext: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), "flash_ext: k has batch ", k.size(0), " but q has ", q.size(0));
+    TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "flash_ext: q heads (", q.size(1),
+                      ") must be a multiple of k/v heads (", k.size(1), ")");
+    TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535, "flash_ext: batch and heads must be at most 65535");
+
+    c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor o = at::empty_like(q);
+    at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+    if (g_poison_outputs) {
+        o.fill_(std::numeric_limits<float>::quiet_NaN());
+        lse.fill_(std::numeric_limits<float>::quiet_NaN());
+    }
+    if (o.numel() == 0) return {o, lse};
+
+    flash::FwdParams p{};
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.o = o.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    set_strides(p.q_batch_stride, p.q_head_stride, p.q_row_stride, q);
+    set_strides(p.k_batch_stride, p.k_head_stride, p.k_row_stride, k);
+    set_strides(p.v_batch_stride, p.v_head_stride, p.v_row_stride, v);
+    set_strides(p.o_batch_stride, p.o_head_stride, p.o_row_stride, o);
+    p.batch = static_cast<int>(q.size(0));
+    p.heads_q = static_cast<int>(q.size(1));
+    p.heads_kv = static_cast<int>(k.size(1));
+    p.seqlen_q = static_cast<int>(q.size(2));
+    p.seqlen_k = static_cast<int>(k.size(2));
+    p.head_dim = static_cast<int>(head_dim);
+    p.scale = static_cast<float>(scale);
+    p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    try {
+        run_fwd(p, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal, stream);
+    } catch (const std::invalid_argument& err) {
+        TORCH_CHECK_VALUE(false, err.what());
+    } catch (const std::runtime_error& err) {
+        TORCH_CHECK(false, err.what());
+    }
+    return {o, lse};
+}
+
+std::vector<int> built_head_dims() {
+    return std::vector<int>(std::begin(kBuiltHeadDims), std::end(kBuiltHeadDims));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.doc() = "flash_ext CUDA kernels";
+    m.def("fwd", &fwd, "Attention forward: returns [O, LSE]", py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("causal"), py::arg("scale"));
+    m.def("built_head_dims", &built_head_dims, "Head dims the kernels were compiled for");
+    m.def("set_poison_outputs", [](bool on) { g_poison_outputs = on; },
+          "Testing: fill outputs with NaN before each kernel runs");
+}

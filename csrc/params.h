@@ -1,0 +1,45 @@
+// The plain parameter structs that the binding fills and the kernels read.
+// No torch and no CUDA device code here: this header is shared by both sides.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace flash {
+
+// Element types, as tags the host side can name without CUDA's half headers.
+struct Fp16 {};
+struct Bf16 {};
+
+// Head dims the kernels are compiled for; any multiple of 8 up to the largest
+// runs on the next size up (the extra columns are zero-filled in shared memory).
+inline constexpr int kHeadDims[] = {32, 64, 96, 128, 160, 192, 224, 256};
+
+struct FwdParams {
+    // (batch, heads, seqlen, head_dim) tensors with unit stride in head_dim;
+    // the other strides are in elements.
+    const void* q;
+    const void* k;
+    const void* v;
+    void* o;
+    float* lse;  // (batch, heads_q, seqlen_q), contiguous
+
+    int64_t q_batch_stride, q_head_stride, q_row_stride;
+    int64_t k_batch_stride, k_head_stride, k_row_stride;
+    int64_t v_batch_stride, v_head_stride, v_row_stride;
+    int64_t o_batch_stride, o_head_stride, o_row_stride;
+
+    int batch, heads_q, heads_kv;  // heads_q = group · heads_kv
+    int seqlen_q, seqlen_k;
+    int head_dim;  // the tensors' own, <= the compiled kHeadDim
+
+    float scale;       // softmax scale, for the LSE (natural log)
+    float scale_log2;  // scale · log2(e): the kernels use exp2
+};
+
+// Defined once per (type, head dim, causal) in a generated .cu file.
+template <typename T, int kHeadDim, bool kCausal>
+void run_fwd_sm80(const FwdParams& params, cudaStream_t stream);
+
+}  // namespace flash

@@ -1,0 +1,164 @@
+"""flash_ext.attention: input checks, the custom ops and their autograd.
+
+The forward and backward are torch.library custom ops (flash_ext::fwd,
+flash_ext::bwd). CUDA tensors (fp16/bf16) run the compiled kernels; CPU
+tensors run the tiled reference in flash_ext.reference. The backward runs
+the reference on either device until its kernel exists.
+"""
+
+import numbers
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C
+except ImportError as err:  # not built: the reference serves every call
+    _C = None
+    _C_IMPORT_ERROR = err
+else:
+    _C_IMPORT_ERROR = None
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"flash_ext.attention: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"flash_ext.attention: {name} must be 4-D (batch, heads, seqlen, head_dim), "
+            f"got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"flash_ext.attention: {name} has dtype {x.dtype}; expected one of "
+            f"float16, bfloat16 (the kernels), float32 or float64 (the reference)")
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        raise ValueError(
+            f"flash_ext.attention: {name} must be contiguous in its last dim (head_dim stride 1), "
+            f"got strides {x.stride()}; call .contiguous() first")
+
+
+def check_inputs(q, k, v, causal, scale):
+    """Raise a clear error naming the argument for every input flash_ext cannot take."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"flash_ext.attention: {name} has dtype {x.dtype} but q has {q.dtype}; all three must match")
+        if x.device != q.device:
+            raise ValueError(f"flash_ext.attention: {name} is on {x.device} but q is on {q.device}; all three must match")
+        if x.shape[0] != q.shape[0]:
+            raise ValueError(f"flash_ext.attention: {name} has batch {x.shape[0]} but q has batch {q.shape[0]}")
+        if x.shape[3] != q.shape[3]:
+            raise ValueError(f"flash_ext.attention: {name} has head_dim {x.shape[3]} but q has head_dim {q.shape[3]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"flash_ext.attention: v has {v.shape[1]} heads but k has {k.shape[1]}; they must match")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"flash_ext.attention: v has seqlen {v.shape[2]} but k has seqlen {k.shape[2]}; they must match")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"flash_ext.attention: q has {hq} heads, which is not a multiple of the {hkv} heads of k and v "
+            f"(grouped-query attention needs Hq = G·Hkv)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"flash_ext.attention: causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"flash_ext.attention: scale must be a float or None, got {type(scale).__name__}")
+    if q.is_cuda:
+        _check_cuda_inputs(q, k, v)
+
+
+KERNEL_MAX_HEAD_DIM = 256
+KERNEL_ALIGN = 8  # elements: the kernels copy 16-byte chunks
+
+
+def _check_cuda_inputs(q, k, v):
+    """What the CUDA kernels need beyond the general checks."""
+    if _C is None:
+        raise RuntimeError(
+            f"flash_ext.attention: got CUDA tensors but the extension flash_ext._C is not built "
+            f"({_C_IMPORT_ERROR}); install with `pip install --no-build-isolation -e .`")
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"flash_ext.attention: the CUDA kernels take float16 or bfloat16, got {q.dtype}; cast the inputs "
+            f"(e.g. q.bfloat16()), or pass CPU tensors to run the {q.dtype} reference")
+    d = q.shape[-1]
+    if d % KERNEL_ALIGN != 0 or d > KERNEL_MAX_HEAD_DIM or d == 0:
+        raise ValueError(
+            f"flash_ext.attention: head_dim {d} is not supported on CUDA; expected a multiple of "
+            f"{KERNEL_ALIGN} from {KERNEL_ALIGN} to {KERNEL_MAX_HEAD_DIM} (pad the head dim, or use CPU tensors)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if any(x.stride(i) % KERNEL_ALIGN != 0 and x.shape[i] > 1 for i in range(3)):
+            raise ValueError(
+                f"flash_ext.attention: {name} strides {x.stride()} must be multiples of {KERNEL_ALIGN} elements "
+                f"(16 bytes) in batch, heads and seqlen; call .contiguous() first")
+        if x.numel() > 0 and x.data_ptr() % 16 != 0:
+            raise ValueError(f"flash_ext.attention: {name} must start on a 16-byte boundary; call .contiguous() first")
+
+
+@torch.library.custom_op("flash_ext::fwd", mutates_args=())
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.is_cuda:
+        o, lse = _C.fwd(q, k, v, causal, scale)
+        return o, lse
+    o, lse = reference.attention_forward(q, k, v, causal=causal, scale=scale)
+    return torch.empty_like(q).copy_(o), lse
+
+
+@_fwd.register_fake
+def _fwd_fake(q, k, v, causal, scale):
+    b, hq, nq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, hq, nq), dtype=reference.compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("flash_ext::bwd", mutates_args=())
+def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+         lse: torch.Tensor, dlse: torch.Tensor, causal: bool, scale: float
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = reference.attention_backward(do, q, k, v, o, lse, causal=causal, scale=scale, dlse=dlse)
+    return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
+
+
+@_bwd.register_fake
+def _bwd_fake(do, q, k, v, o, lse, dlse, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    dq, dk, dv = _bwd(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+    """Exact softmax attention, softmax(scale · Q Kᵀ) V, without an N×N buffer.
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq a multiple of Hkv. Any
+    batch/head/seqlen strides; the last dim must be contiguous.
+    causal: query i sees keys j <= i + Nk - Nq (aligned to the bottom-right
+        corner); a row that sees no key gives output 0 and LSE -inf.
+    scale: defaults to 1/sqrt(D).
+    return_lse: also return the log-sum-exp of each row's scaled scores,
+        (B, Hq, Nq), natural log, float32 (float64 for float64 inputs).
+    """
+    check_inputs(q, k, v, causal, scale)
+    scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
+    o, lse = _fwd(q, k, v, causal, scale)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,193 @@
+"""FlashAttention in plain PyTorch, tile by tile: the executable specification.
+
+Layout is SDPA's: q is (B, Hq, Nq, D), k and v are (B, Hkv, Nk, D), with Hq a
+multiple of Hkv (GQA/MQA: query head h reads key/value head h // (Hq // Hkv)).
+
+Forward, for one tile of query rows:
+
+    m = -inf, l = 0, acc = 0                      # running row max, row sum, output
+    for each key/value tile j:
+        S = scale · Q Kⱼᵀ                         (masked entries are -inf)
+        m_new = max(m, rowmax S)
+        α = exp(m - m_new)                        rescales what came before
+        P = exp(S - m_new)
+        l = α·l + rowsum P
+        acc = α·acc + P Vⱼ
+        m = m_new
+    O = acc / l,  LSE = m + log l
+
+Backward recomputes P tile by tile from the LSE saved by the forward:
+
+    D = rowsum(dO ∘ O)
+    P = exp(scale · Q Kᵀ - LSE)
+    dV += Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP - D)
+    dQ += scale · dS K,  dK += scale · dSᵀ Q
+
+Causal masking is aligned to the bottom-right corner: query i sees key j when
+j <= i + Nk - Nq. A row that sees no key has output 0 and LSE -inf.
+
+Low-precision inputs (fp16, bf16) are computed tile by tile in float32 and the
+results cast back; float32 and float64 inputs are computed in their own dtype.
+The LSE is float32 for every low-precision input, else the input's dtype.
+"""
+
+import math
+
+import torch
+
+DEFAULT_BLOCK = 64
+
+
+def compute_dtype(dtype):
+    """The dtype the reference accumulates in for inputs of `dtype`."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def default_scale(head_dim):
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
+def causal_mask(q_start, q_end, k_start, k_end, nq, nk, device):
+    """True where query i (global row) may see key j: j <= i + nk - nq."""
+    rows = torch.arange(q_start, q_end, device=device)[:, None]
+    cols = torch.arange(k_start, k_end, device=device)[None, :]
+    return cols <= rows + (nk - nq)
+
+
+def last_visible_key(q_end, nq, nk, causal):
+    """One past the last key any of the rows before q_end may see."""
+    if not causal:
+        return nk
+    return max(0, min(nk, q_end + nk - nq))
+
+
+def _group_queries(x, hkv):
+    """(B, Hq, N, D) -> (B, Hkv, G, N, D): the G query heads sharing one K/V head."""
+    b, hq, n, d = x.shape
+    return x.reshape(b, hkv, hq // hkv, n, d)
+
+
+def _scores(q_tile, k_tile, scale):
+    # S = scale · Q Kᵀ; q_tile (B, Hkv, G, Bq, D), k_tile (B, Hkv, Bk, D) -> (B, Hkv, G, Bq, Bk)
+    return torch.einsum("bhgqd,bhkd->bhgqk", q_tile, k_tile) * scale
+
+
+def online_softmax_step(s, m, l):
+    """One block of the online softmax over the last dim of s.
+
+    m, l are the running row max and row sum over the blocks seen so far.
+    Returns (p, m_new, l_new, alpha): the block's unnormalised probabilities
+    exp(s - m_new), the new running max and sum, and alpha = exp(m - m_new),
+    the factor that rescales everything accumulated before this block.
+    A row whose entries are all -inf so far keeps m = -inf, l = 0, p = 0.
+    """
+    m_new = torch.maximum(m, s.amax(dim=-1))
+    m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+    alpha = torch.exp(m - m_safe)
+    p = torch.exp(s - m_safe[..., None])
+    l_new = alpha * l + p.sum(dim=-1)
+    return p, m_new, l_new, alpha
+
+
+def _check_shapes(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("reference: q, k, v must be 4-D (batch, heads, seqlen, head_dim)")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"reference: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"reference: Hq={q.shape[1]} is not a multiple of Hkv={k.shape[1]}")
+
+
+def attention_forward(q, k, v, *, causal=False, scale=None, block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK):
+    """Tiled forward. Returns (O in q's dtype, LSE (B, Hq, Nq) in natural log)."""
+    _check_shapes(q, k, v)
+    if block_q < 1 or block_k < 1:
+        raise ValueError("reference: tile sizes must be at least 1")
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = default_scale(d) if scale is None else float(scale)
+    acc_dtype = compute_dtype(q.dtype)
+
+    qg = _group_queries(q, hkv)
+    out = torch.empty((b, hkv, g, nq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hkv, g, nq), dtype=acc_dtype, device=q.device)
+
+    for q0 in range(0, nq, block_q):
+        q1 = min(q0 + block_q, nq)
+        q_tile = qg[:, :, :, q0:q1].to(acc_dtype)
+        m = torch.full((b, hkv, g, q1 - q0), -math.inf, dtype=acc_dtype, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros((b, hkv, g, q1 - q0, d), dtype=acc_dtype, device=q.device)
+        # Causal: key tiles wholly above the diagonal are never visited.
+        for k0 in range(0, last_visible_key(q1, nq, nk, causal), block_k):
+            k1 = min(k0 + block_k, nk)
+            s = _scores(q_tile, k[:, :, k0:k1].to(acc_dtype), scale)
+            if causal:
+                visible = causal_mask(q0, q1, k0, k1, nq, nk, q.device)
+                s = s.masked_fill(~visible, -math.inf)
+            p, m, l, alpha = online_softmax_step(s, m, l)
+            # O = α·O + P V
+            acc = alpha[..., None] * acc + torch.einsum("bhgqk,bhkd->bhgqd", p, v[:, :, k0:k1].to(acc_dtype))
+        seen = l > 0
+        l_safe = torch.where(seen, l, torch.ones_like(l))
+        out[:, :, :, q0:q1] = (acc / l_safe[..., None]).to(q.dtype)
+        lse[:, :, :, q0:q1] = torch.where(seen, m + torch.log(l_safe), torch.full_like(m, -math.inf))
+    return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
+
+
+def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, dlse=None,
+                       block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK):
+    """Tiled backward from the forward's O and LSE. Returns (dQ, dK, dV) in the inputs' dtype.
+
+    dlse, if given, is the gradient flowing into the LSE output. Since
+    dLSEᵢ/dSᵢⱼ = Pᵢⱼ, it enters as dS = P ∘ (dP - (D - dLSE)): only D changes.
+    """
+    _check_shapes(q, k, v)
+    if block_q < 1 or block_k < 1:
+        raise ValueError("reference: tile sizes must be at least 1")
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = default_scale(d) if scale is None else float(scale)
+    acc_dtype = compute_dtype(q.dtype)
+
+    qg = _group_queries(q, hkv)
+    dog = _group_queries(do, hkv)
+    # D = rowsum(dO ∘ O), (B, Hkv, G, Nq)
+    delta = (dog.to(acc_dtype) * _group_queries(o, hkv).to(acc_dtype)).sum(dim=-1)
+    if dlse is not None:
+        delta = delta - dlse.reshape(b, hkv, g, nq).to(acc_dtype)
+    lse_g = lse.reshape(b, hkv, g, nq).to(acc_dtype)
+    # A row that saw no key has LSE -inf and every score -inf: P = exp(-inf - 0) = 0.
+    lse_g = torch.where(torch.isneginf(lse_g), torch.zeros_like(lse_g), lse_g)
+
+    dq = torch.zeros((b, hkv, g, nq, d), dtype=acc_dtype, device=q.device)
+    dk = torch.zeros((b, hkv, nk, d), dtype=acc_dtype, device=q.device)
+    dv = torch.zeros_like(dk)
+
+    for k0 in range(0, nk, block_k):
+        k1 = min(k0 + block_k, nk)
+        k_tile = k[:, :, k0:k1].to(acc_dtype)
+        v_tile = v[:, :, k0:k1].to(acc_dtype)
+        # Causal: the first query row that sees key k0 is k0 - (nk - nq).
+        first_q = max(0, k0 - (nk - nq)) if causal else 0
+        for q0 in range((first_q // block_q) * block_q, nq, block_q):
+            q1 = min(q0 + block_q, nq)
+            q_tile = qg[:, :, :, q0:q1].to(acc_dtype)
+            do_tile = dog[:, :, :, q0:q1].to(acc_dtype)
+            s = _scores(q_tile, k_tile, scale)
+            if causal:
+                visible = causal_mask(q0, q1, k0, k1, nq, nk, q.device)
+                s = s.masked_fill(~visible, -math.inf)
+            # P = exp(S - LSE)
+            p = torch.exp(s - lse_g[:, :, :, q0:q1, None])
+            # dV += Pᵀ dO, summed over the query heads of the group
+            dv[:, :, k0:k1] += torch.einsum("bhgqk,bhgqd->bhkd", p, do_tile)
+            # dP = dO Vᵀ;  dS = P ∘ (dP - D)
+            dp = torch.einsum("bhgqd,bhkd->bhgqk", do_tile, v_tile)
+            ds = p * (dp - delta[:, :, :, q0:q1, None])
+            # dQ += scale · dS K;  dK += scale · dSᵀ Q
+            dq[:, :, :, q0:q1] += scale * torch.einsum("bhgqk,bhkd->bhgqd", ds, k_tile)
+            dk[:, :, k0:k1] += scale * torch.einsum("bhgqk,bhgqd->bhkd", ds, q_tile)
+    return dq.reshape(b, hq, nq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

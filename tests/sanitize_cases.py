@@ -1,0 +1,35 @@
+"""A few small forward calls for compute-sanitizer (tests/sanitize.sh): ragged
+tiles, causal with Nq != Nk, GQA, several head dims. Exits non-zero on a bad result."""
+
+import sys
+
+import torch
+
+import flash_ext
+from flash_ext import reference
+
+CASES = [  # (b, hq, hkv, nq, nk, d, causal, dtype)
+    (1, 2, 2, 17, 17, 64, False, torch.bfloat16),
+    (1, 2, 1, 129, 77, 128, True, torch.float16),
+    (2, 4, 2, 77, 200, 32, True, torch.bfloat16),
+    (1, 1, 1, 300, 100, 256, True, torch.bfloat16),
+    (1, 2, 2, 5, 140, 96, False, torch.float16),
+]
+
+
+def main():
+    worst = 0.0
+    for b, hq, hkv, nq, nk, d, causal, dtype in CASES:
+        q = torch.randn(b, hq, nq, d, device="cuda").to(dtype)
+        k = torch.randn(b, hkv, nk, d, device="cuda").to(dtype)
+        v = torch.randn(b, hkv, nk, d, device="cuda").to(dtype)
+        o = flash_ext.attention(q, k, v, causal=causal)
+        ref, _ = reference.attention_forward(q.float(), k.float(), v.float(), causal=causal)
+        worst = max(worst, (o.float() - ref).abs().max().item())
+    torch.cuda.synchronize()
+    print(f"sanitize cases: {len(CASES)} run, worst max abs error {worst:.2e}")
+    return 0 if worst < 5e-2 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The CUDA forward kernel against the float32 reference, with torch's own
+low-precision error as the bar: error(flash_ext) <= 2 * error(SDPA math in the
+same dtype) + a small absolute slack. Skipped without a GPU."""
+
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flash_ext
+from flash_ext import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = [torch.bfloat16, torch.float16]
+HEAD_DIMS = [32, 64, 96, 128, 160, 192, 224, 256]
+# (Nq, Nk): awkward lengths, tiles that do not divide them, Nq != Nk both ways.
+LENGTHS = [(1, 1), (17, 17), (113, 113), (127, 127), (128, 128), (129, 129), (1000, 1000),
+           (4097, 4097), (113, 1000), (1000, 113), (1, 4097), (4097, 17)]
+ABS_SLACK = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """Every output is NaN-filled before the kernel runs: an unwritten element fails."""
+    if flash_ext.interface._C is not None:
+        flash_ext.interface._C.set_poison_outputs(True)
+    yield
+    if flash_ext.interface._C is not None:
+        flash_ext.interface._C.set_poison_outputs(False)
+
+
+def rand(*shape, dtype, gen):
+    return torch.randn(*shape, dtype=torch.float32, device="cuda", generator=gen).to(dtype)
+
+
+def make_qkv(b, hq, hkv, nq, nk, d, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return (rand(b, hq, nq, d, dtype=dtype, gen=gen), rand(b, hkv, nk, d, dtype=dtype, gen=gen),
+            rand(b, hkv, nk, d, dtype=dtype, gen=gen))
+
+
+def visible(nq, nk, causal):
+    """Bottom-right causal mask (Nq, Nk): query i sees key j <= i + Nk - Nq."""
+    if not causal:
+        return torch.ones(nq, nk, dtype=torch.bool, device="cuda")
+    return reference.causal_mask(0, nq, 0, nk, nq, nk, "cuda")
+
+
+def torch_lowp(q, k, v, causal, scale):
+    """torch's own attention in the inputs' low precision: SDPA's math backend
+    with fp16/bf16 reductions, and the LSE from low-precision scores."""
+    mask = visible(q.shape[2], k.shape[2], causal)
+    gqa = q.shape[1] != k.shape[1]
+    prev = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(prev)
+    g = q.shape[1] // k.shape[1]
+    s = (q @ k.repeat_interleave(g, dim=1).transpose(-1, -2)) * scale
+    lse = torch.logsumexp(s.masked_fill(~mask, -math.inf), dim=-1).float()
+    return o, lse
+
+
+def check_forward(q, k, v, causal, scale=None):
+    scale_value = reference.default_scale(q.shape[-1]) if scale is None else scale
+    o, lse = flash_ext.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    assert o.shape == q.shape and o.dtype == q.dtype and lse.dtype == torch.float32
+    ref_o, ref_lse = reference.attention_forward(q.float(), k.float(), v.float(), causal=causal,
+                                                 scale=scale_value, block_q=512, block_k=512)
+    assert not torch.isnan(o).any(), "NaN in the output"
+    assert not torch.isnan(lse).any(), "NaN in the LSE"
+
+    seen = ~torch.isneginf(ref_lse)  # rows that see at least one key
+    assert torch.equal(torch.isneginf(lse), ~seen), "LSE must be -inf exactly where a row sees no key"
+    assert torch.all(o[~seen] == 0), "rows that see no key must give 0"
+
+    t_o, t_lse = torch_lowp(q, k, v, causal, scale_value)
+    err = (o.float() - ref_o)[seen].abs().max().item() if seen.any() else 0.0
+    t_err = (t_o.float() - ref_o)[seen].abs().max().item() if seen.any() else 0.0
+    assert err <= 2 * t_err + ABS_SLACK, f"output error {err:.3e} > 2 x torch's {t_err:.3e}"
+    lse_err = (lse - ref_lse)[seen].abs().max().item() if seen.any() else 0.0
+    t_lse_err = (t_lse - ref_lse)[seen].abs().max().item() if seen.any() else 0.0
+    assert lse_err <= 2 * t_lse_err + ABS_SLACK, f"LSE error {lse_err:.3e} > 2 x torch's {t_lse_err:.3e}"
+    return err, t_err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", LENGTHS)
+def test_forward_grid(dtype, d, causal, nq, nk):
+    b, h = (1, 2) if max(nq, nk) > 1000 else (2, 3)
+    seed = zlib.crc32(repr((dtype, d, causal, nq, nk)).encode())
+    check_forward(*make_qkv(b, h, h, nq, nk, d, dtype, seed), causal)
+
+
+@pytest.mark.parametrize("d", [40, 72, 136, 200])
+def test_head_dims_between_compiled_sizes(d):
+    """Any multiple of 8 runs on the next compiled size up."""
+    check_forward(*make_qkv(2, 2, 2, 129, 200, d, torch.bfloat16, d), causal=True)
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 1), (4, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa(hq, hkv, causal):
+    check_forward(*make_qkv(2, hq, hkv, 300, 257, 64, torch.bfloat16, hq * 10 + hkv), causal)
+
+
+def test_scale():
+    for scale in (0.05, 1.0, -0.3):
+        check_forward(*make_qkv(1, 2, 2, 200, 333, 128, torch.float16, 7), causal=True, scale=scale)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_transposed_layout(causal):
+    """(B, N, H, D) tensors viewed as (B, H, N, D) run without a copy, and O follows q's layout."""
+    b, n, h, d = 2, 333, 4, 128
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (rand(b, n, h, d, dtype=torch.bfloat16, gen=gen).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    check_forward(q, k, v, causal)
+    o = flash_ext.attention(q, k, v, causal=causal)
+    assert o.stride() == q.stride()
+
+
+def test_packed_qkv():
+    """q, k, v as slices of one packed (B, N, 3, H, D) tensor."""
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    qkv = rand(2, 257, 3, 4, 64, dtype=torch.float16, gen=gen)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    check_forward(q, k, v, causal=True)
+
+
+def test_rows_that_see_no_key():
+    """Causal with Nq > Nk: the first Nq - Nk rows see nothing: 0 and -inf."""
+    q, k, v = make_qkv(1, 2, 2, 300, 100, 64, torch.bfloat16, 13)
+    o, lse = flash_ext.attention(q, k, v, causal=True, return_lse=True)
+    assert torch.all(o[:, :, :200] == 0)
+    assert torch.all(torch.isneginf(lse[:, :, :200]))
+    assert torch.isfinite(lse[:, :, 200:]).all()
+    check_forward(q, k, v, causal=True)
+
+
+def test_empty_and_zero_length():
+    q, k, v = make_qkv(1, 2, 2, 0, 50, 64, torch.bfloat16, 14)
+    o, lse = flash_ext.attention(q, k, v, return_lse=True)
+    assert o.shape == (1, 2, 0, 64) and lse.shape == (1, 2, 0)
+    q, k, v = make_qkv(1, 2, 2, 50, 0, 64, torch.bfloat16, 15)
+    o, lse = flash_ext.attention(q, k, v, return_lse=True)
+    assert torch.all(o == 0) and torch.all(torch.isneginf(lse))
+
+
+def test_large_values_do_not_overflow():
+    """Scores far beyond exp's range: the running max keeps the softmax finite."""
+    q, k, v = make_qkv(1, 2, 2, 257, 300, 64, torch.bfloat16, 16)
+    check_forward(q * 30, k * 30, v, causal=False)
+
+
+def test_cuda_graph_capture():
+    q, k, v = make_qkv(2, 4, 2, 256, 256, 64, torch.bfloat16, 17)
+    expected = flash_ext.attention(q, k, v, causal=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        flash_ext.attention(q, k, v, causal=True)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flash_ext.attention(q, k, v, causal=True)
+    for _ in range(2):
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, flash_ext.attention(q, k, v, causal=True))
+    assert not torch.equal(out, expected)
+
+
+def test_runs_on_current_stream():
+    q, k, v = make_qkv(1, 4, 4, 512, 512, 128, torch.float16, 18)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        o = flash_ext.attention(q, k, v)
+    stream.synchronize()
+    assert torch.equal(o, flash_ext.attention(q, k, v))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_gpu():
+    q, k, v = (t.to("cuda:1") for t in make_qkv(1, 2, 2, 129, 129, 64, torch.bfloat16, 19))
+    o = flash_ext.attention(q, k, v)
+    assert o.device == q.device
+    ref, _ = reference.attention_forward(q.float(), k.float(), v.float())
+    assert (o.float() - ref).abs().max().item() < 2e-2
+
+
+def test_deterministic_and_deliberate_errors():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, 20)
+    assert torch.equal(flash_ext.attention(q, k, v), flash_ext.attention(q, k, v))
+    with pytest.raises(TypeError, match="float16 or bfloat16.*cast"):
+        flash_ext.attention(q.float(), k.float(), v.float())
+    with pytest.raises(ValueError, match="head_dim 100"):
+        flash_ext.attention(*(torch.randn(1, 2, 8, 100, device="cuda", dtype=torch.bfloat16) for _ in range(3)))
+    with pytest.raises(ValueError, match="head_dim 264"):
+        flash_ext.attention(*(torch.randn(1, 2, 8, 264, device="cuda", dtype=torch.bfloat16) for _ in range(3)))
+    big = torch.randn(1, 2, 8, 68, device="cuda", dtype=torch.bfloat16)  # row stride 68: not 16-byte aligned
+    with pytest.raises(ValueError, match="k strides"):
+        flash_ext.attention(q, big[..., :64], big[..., :64].contiguous())
