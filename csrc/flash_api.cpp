@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -111,6 +112,11 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535, "flash_ext: batch and heads must be at most 65535");
 
     c10::cuda::CUDAGuard guard(q.device());
+    // softmax(scale·q·kᵀ) = softmax(|scale|·(-q)·kᵀ): the kernels need scale > 0.
+    // A zero scale becomes the smallest normal float, whose products with the
+    // scores flush to zero while masked -inf scores stay -inf.
+    const at::Tensor q_run = scale < 0 ? q.neg().contiguous() : q;
+    const float scale_run = std::max(static_cast<float>(std::fabs(scale)), std::numeric_limits<float>::min());
     at::Tensor o = at::empty_like(q);
     at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
     if (g_poison_outputs) {
@@ -120,12 +126,12 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     if (o.numel() == 0) return {o, lse};
 
     flash::FwdParams p{};
-    p.q = q.data_ptr();
+    p.q = q_run.data_ptr();
     p.k = k.data_ptr();
     p.v = v.data_ptr();
     p.o = o.data_ptr();
     p.lse = lse.data_ptr<float>();
-    set_strides(p.q_batch_stride, p.q_head_stride, p.q_row_stride, q);
+    set_strides(p.q_batch_stride, p.q_head_stride, p.q_row_stride, q_run);
     set_strides(p.k_batch_stride, p.k_head_stride, p.k_row_stride, k);
     set_strides(p.v_batch_stride, p.v_head_stride, p.v_row_stride, v);
     set_strides(p.o_batch_stride, p.o_head_stride, p.o_row_stride, o);
@@ -135,8 +141,8 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     p.seqlen_q = static_cast<int>(q.size(2));
     p.seqlen_k = static_cast<int>(k.size(2));
     p.head_dim = static_cast<int>(head_dim);
-    p.scale = static_cast<float>(scale);
-    p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+    p.scale = scale_run;
+    p.scale_log2 = scale_run * static_cast<float>(M_LOG2E);
 
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     try {

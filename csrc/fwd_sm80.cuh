@@ -22,24 +22,36 @@ template <> struct DeviceType<Fp16> { using type = __half; };
 template <> struct DeviceType<Bf16> { using type = __nv_bfloat16; };
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kWarpSize = 32;
 constexpr int kMmaM = 16;    // rows of one mma.m16n8k16 tile
 constexpr int kMmaN = 8;     // columns of its accumulator
 constexpr int kMmaK = 16;    // its reduction depth
 constexpr int kChunk = 8;    // 16-byte chunk = 8 half-precision elements
+constexpr int kMmasPerLoadGroup = 8;  // ldmatrix.x4 loads are issued in groups feeding this many mmas
 
-// Tile sizes of the sm_80 forward: the one place they are chosen.
-template <int kHeadDim_>
+// The largest group of loads, each feeding 2·m_tiles mmas, that divides n.
+__host__ __device__ constexpr int load_group(int n, int m_tiles) {
+    int g = kMmasPerLoadGroup / (2 * m_tiles);
+    g = n < g ? n : g;
+    while (n % g != 0) --g;
+    return g;
+}
+
+// One tile configuration of the sm_80 forward. A warp owns kMTiles·16 query
+// rows, so each K or V fragment it loads from shared memory feeds kMTiles mmas.
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kMTiles_, bool kQInRegs_, int kStages_ = 2>
 struct FwdTileSm80 {
     static constexpr int kHeadDim = kHeadDim_;
-    static constexpr int kBlockM = 128;
-    static constexpr int kBlockN = kHeadDim <= 64 ? 128 : (kHeadDim <= 128 ? 64 : 32);
-    static constexpr int kWarps = kBlockM / kMmaM;
+    static constexpr int kBlockM = kBlockM_;
+    static constexpr int kBlockN = kBlockN_;
+    static constexpr int kMTiles = kMTiles_;
+    static constexpr int kWarpRows = kMTiles * kMmaM;
+    static constexpr int kWarps = kBlockM / kWarpRows;
     static constexpr int kThreads = kWarps * kWarpSize;
-    // Q fragments stay in registers when they fit beside the O accumulator.
-    static constexpr bool kQInRegs = kHeadDim <= 128;
-    static constexpr int kStages = 2;
+    static constexpr bool kQInRegs = kQInRegs_;
+    // K/V buffers. 2: the next tile's K and V load while this one computes.
+    // 1: V loads during S = Q Kᵀ and the softmax, the next K during O += P V.
+    static constexpr int kStages = kStages_;
     // Each shared-memory row is padded by one 16-byte chunk: kHeadDim/8 + 1
     // chunks is odd, so the 8 rows one ldmatrix phase reads start in 8
     // different 16-byte bank groups: no bank conflicts.
@@ -49,29 +61,80 @@ struct FwdTileSm80 {
     static constexpr int kSmemBytes = (kQElems + 2 * kStages * kKVElems) * 2;
 
     static_assert(kHeadDim % kMmaK == 0 && kHeadDim <= 256, "head dim");
-    static_assert(kBlockN % kMmaK == 0 && kBlockM % kMmaM == 0, "tile");
+    static_assert(kBlockN % kMmaK == 0 && kBlockM % kWarpRows == 0, "tile");
     static_assert((kHeadDim / kChunk) % 2 == 0, "padding needs an even chunk count per row");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+    static_assert(kStages == 1 || kStages == 2, "stages");
+};
+
+// The tile sizes of the sm_80 forward per head dim: the one place they are
+// chosen (bench/tune_fwd_sm80.cu measures the candidates; bench/PERFORMANCE.md has
+// the figures). Up to head dim 128 a warp owns 32 rows, two m-tiles, so each
+// K/V fragment feeds two mmas, and two blocks of 4 warps share an SM. Every
+// choice fits the 99 KB of shared memory of sm_86/sm_89 as well.
+template <int kHeadDim>
+struct FwdConfigSm80 {
+    using Tile = std::conditional_t<
+        (kHeadDim <= 64), FwdTileSm80<kHeadDim, 128, 64, 2, true, 2>,
+        std::conditional_t<(kHeadDim <= 128), FwdTileSm80<kHeadDim, 128, 64, 2, false, 1>,
+                           FwdTileSm80<kHeadDim, 64, 64, 1, false, 1>>>;
+    static_assert(Tile::kSmemBytes <= 99 * 1024, "fits every sm_8x GPU");
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+struct MaxOp {
+    __device__ float operator()(float x, float y) const { return fmaxf(x, y); }
+};
+struct SumOp {
+    __device__ float operator()(float x, float y) const { return x + y; }
+};
+
+// Reduce x[0..N) (N a power of two) pairwise, log2(N) deep; x is overwritten.
+template <int N, typename Op>
+__device__ __forceinline__ float tree_reduce(float (&x)[N], Op op) {
+    static_assert((N & (N - 1)) == 0, "power of two");
+#pragma unroll
+    for (int w = N / 2; w >= 1; w /= 2) {
+#pragma unroll
+        for (int i = 0; i < w; ++i) x[i] = op(x[i], x[i + w]);
+    }
+    return x[0];
+}
+
 // Copy a (kRows x kHeadDim) tile, rows [0, rows_valid) and columns
 // [0, head_dim) of it real, into padded shared memory; the rest zero-filled.
+// Where a pass of the block covers whole rows, each thread keeps one column
+// and steps down the rows, so its addresses are one base plus a constant.
 template <typename Tile, int kRows, typename T>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride,
                                                 int rows_valid, int head_dim) {
     constexpr int kChunksPerRow = Tile::kHeadDim / kChunk;
-    constexpr int kChunks = kRows * kChunksPerRow;
+    if constexpr (Tile::kThreads % kChunksPerRow == 0) {
+        constexpr int kRowsPerPass = Tile::kThreads / kChunksPerRow;
+        const int row0 = threadIdx.x / kChunksPerRow;
+        const int col = (threadIdx.x % kChunksPerRow) * kChunk;
+        const T* src = gmem + row0 * row_stride + col;
+        T* dst = smem + row0 * Tile::kRowStride + col;
 #pragma unroll
-    for (int pass = 0; pass < ceil_div(kChunks, Tile::kThreads); ++pass) {
-        const int i = pass * Tile::kThreads + threadIdx.x;
-        if (kChunks % Tile::kThreads != 0 && i >= kChunks) break;
-        const int row = i / kChunksPerRow;
-        const int col = (i % kChunksPerRow) * kChunk;
-        const bool valid = row < rows_valid && col < head_dim;
-        const T* src = valid ? gmem + row * row_stride + col : gmem;
-        cp_async_16(smem + row * Tile::kRowStride + col, src, valid);
+        for (int pass = 0; pass < ceil_div(kRows, kRowsPerPass); ++pass) {
+            const int row = row0 + pass * kRowsPerPass;
+            if (kRows % kRowsPerPass != 0 && row >= kRows) break;
+            const bool valid = row < rows_valid && col < head_dim;
+            cp_async_16(dst + pass * kRowsPerPass * Tile::kRowStride, valid ? src : gmem, valid);
+            src += kRowsPerPass * row_stride;
+        }
+    } else {
+        constexpr int kChunks = kRows * kChunksPerRow;
+#pragma unroll
+        for (int pass = 0; pass < ceil_div(kChunks, Tile::kThreads); ++pass) {
+            const int i = pass * Tile::kThreads + threadIdx.x;
+            if (kChunks % Tile::kThreads != 0 && i >= kChunks) break;
+            const int row = i / kChunksPerRow;
+            const int col = (i % kChunksPerRow) * kChunk;
+            const bool valid = row < rows_valid && col < head_dim;
+            cp_async_16(smem + row * Tile::kRowStride + col, valid ? gmem + row * row_stride + col : gmem, valid);
+        }
     }
 }
 
@@ -83,13 +146,13 @@ __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* smem, int
     ldmatrix_x4(a, smem + (lane % 16) * Tile::kRowStride + col + (lane / 16) * kChunk);
 }
 
-template <typename Tag, int kHeadDim, bool kCausal>
-__global__ void __launch_bounds__(FwdTileSm80<kHeadDim>::kThreads, 1)
+template <typename T, typename Tile, bool kCausal>
+__global__ void __launch_bounds__(Tile::kThreads, 1)
 fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
-    using T = typename DeviceType<Tag>::type;
-    using Tile = FwdTileSm80<kHeadDim>;
+    constexpr int kHeadDim = Tile::kHeadDim;
     constexpr int kBlockM = Tile::kBlockM;
     constexpr int kBlockN = Tile::kBlockN;
+    constexpr int kMTiles = Tile::kMTiles;
     constexpr int kRowStride = Tile::kRowStride;
     constexpr int kNTiles = kBlockN / kMmaN;     // 8-wide column tiles of S
     constexpr int kDTiles = kHeadDim / kMmaN;    // 8-wide column tiles of O
@@ -123,138 +186,226 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     int n_masked_from = n_tiles * kBlockN > p.seqlen_k ? n_tiles - 1 : n_tiles;
     if (kCausal) n_masked_from = min(n_masked_from, max(0, (m0 + diag + 1) / kBlockN));
 
-    auto load_kv = [&](int tile, int stage) {
+    auto load_k = [&](int tile, int stage) {
         const int n0 = tile * kBlockN;
         load_tile_async<Tile, kBlockN>(k_smem + stage * Tile::kKVElems, k_g + n0 * p.k_row_stride,
                                        p.k_row_stride, p.seqlen_k - n0, p.head_dim);
+    };
+    auto load_v = [&](int tile, int stage) {
+        const int n0 = tile * kBlockN;
         load_tile_async<Tile, kBlockN>(v_smem + stage * Tile::kKVElems, v_g + n0 * p.v_row_stride,
                                        p.v_row_stride, p.seqlen_k - n0, p.head_dim);
     };
 
     if (n_tiles > 0) {
         load_tile_async<Tile, kBlockM>(q_smem, q_g, p.q_row_stride, p.seqlen_q - m0, p.head_dim);
-        load_kv(n_tiles - 1, 0);
+        load_k(n_tiles - 1, 0);
+        if constexpr (Tile::kStages == 2) load_v(n_tiles - 1, 0);
     }
     cp_async_commit();
 
-    const T* q_warp = q_smem + warp * kMmaM * kRowStride;  // this warp's 16 query rows
-    uint32_t q_frag[Tile::kQInRegs ? kDSteps : 1][4];        // [k-step][A fragment]
+    const T* q_warp = q_smem + warp * Tile::kWarpRows * kRowStride;  // this warp's query rows
+    uint32_t q_frag[kMTiles][Tile::kQInRegs ? kDSteps : 1][4];      // [m-tile][k-step][A fragment]
 
-    // Per thread: rows g = lane / 4 and g + 8 of the warp's 16 (index r = 0, 1).
-    float o_acc[kDTiles][4] = {};  // O, 16 x kHeadDim per warp
-    float row_max[2] = {-INFINITY, -INFINITY};  // m, of the scores already scaled by scale·log2e
-    float row_sum[2] = {0.f, 0.f};              // l, this thread's partial sum
+    // Per thread, in each 16-row m-tile: rows g = lane / 4 and g + 8 (r = 0, 1).
+    float o_acc[kMTiles][kDTiles][4] = {};       // O, kWarpRows x kHeadDim per warp
+    float row_max[kMTiles][2];                   // m, of the raw scores Q Kᵀ
+    float row_sum[kMTiles][2];                   // l, this thread's partial sums
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+        row_max[mt][0] = row_max[mt][1] = -INFINITY;
+        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
 
-    const int row_in_block = warp * kMmaM + lane / 4;
+    const int warp_m0 = m0 + warp * Tile::kWarpRows;  // the warp's first query row
+    const int warp_row0 = warp_m0 + lane / 4;          // this thread's row in (mt = 0, r = 0)
     const int col_in_tile = (lane % 4) * 2;
 
-    auto step = [&](int it, auto masked) {
+    // S = Q Kᵀ for one K tile, masked; then the online softmax turns S into
+    // P in place and returns whether any row of the warp raised its max.
+    using Scores = float[kMTiles][kNTiles][4];  // S or P: kWarpRows x kBlockN per warp
+    using RowScale = float[kMTiles][2];         // α per row
+    auto scores_to_probs = [&](const T* k_tile, int tile, auto masked, Scores& s, RowScale& alpha) {
         constexpr bool kMasked = decltype(masked)::value;
-        const int tile = n_tiles - 1 - it;
-        const int stage = it % Tile::kStages;
-        if (it + 1 < n_tiles) load_kv(tile - 1, (it + 1) % Tile::kStages);
-        cp_async_commit();
-        cp_async_wait<1>();  // this tile's copies (and Q's) have landed
-        __syncthreads();
-
-        if constexpr (Tile::kQInRegs) {
-            if (it == 0) {
-#pragma unroll
-                for (int ks = 0; ks < kDSteps; ++ks) load_a_frag<Tile>(q_frag[ks], q_warp, ks * kMmaK);
-            }
-        }
-
-        // S = Q Kᵀ: 16 x kBlockN per warp, float32
-        const T* k_tile = k_smem + stage * Tile::kKVElems;
-        float s[kNTiles][4] = {};
 #pragma unroll
         for (int ks = 0; ks < kDSteps; ++ks) {
-            uint32_t a[4];
-            if constexpr (Tile::kQInRegs) {
+            uint32_t a[kMTiles][4];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) a[i] = q_frag[ks][i];
-            } else {
-                load_a_frag<Tile>(a, q_warp, ks * kMmaK);
+            for (int mt = 0; mt < kMTiles; ++mt) {
+                if constexpr (Tile::kQInRegs) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) a[mt][i] = q_frag[mt][ks][i];
+                } else {
+                    load_a_frag<Tile>(a[mt], q_warp + mt * kMmaM * kRowStride, ks * kMmaK);
+                }
             }
+            // Kᵀ fragments of column tiles 2j, 2j + 1: matrices (n 0-7 | 8-15) x (k lo | hi).
+            // A group's loads all go before its mmas, so they are in flight
+            // while the previous group's mmas run.
 #pragma unroll
-            for (int nt = 0; nt < kNTiles; nt += 2) {
-                // Kᵀ fragments of column tiles nt, nt + 1: matrices (n 0-7 | 8-15) x (k lo | hi)
-                uint32_t b[4];
-                ldmatrix_x4(b, k_tile + (nt * kMmaN + (lane / 16) * 8 + lane % 8) * kRowStride
-                                   + ks * kMmaK + ((lane / 8) % 2) * 8);
-                mma_16816<T>(s[nt], a, b[0], b[1]);
-                mma_16816<T>(s[nt + 1], a, b[2], b[3]);
-            }
-        }
-
-        // Scale into the exp2 domain; masked scores become -inf.
+            for (int j0 = 0; j0 < kNTiles / 2; j0 += load_group(kNTiles / 2, kMTiles)) {
+                constexpr int kGroup = load_group(kNTiles / 2, kMTiles);
+                uint32_t b[kGroup][4];
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
+                for (int j = 0; j < kGroup; ++j)
+                    ldmatrix_x4(b[j], k_tile + ((j0 + j) * 2 * kMmaN + (lane / 16) * 8 + lane % 8) * kRowStride
+                                          + ks * kMmaK + ((lane / 8) % 2) * 8);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[nt][e] *= p.scale_log2;
-                if constexpr (kMasked) {
-                    const int row = m0 + row_in_block + (e / 2) * 8;
-                    const int col = tile * kBlockN + nt * kMmaN + col_in_tile + e % 2;
-                    const bool visible = col < p.seqlen_k && (!kCausal || col <= row + diag);
-                    if (!visible) s[nt][e] = -INFINITY;
+                for (int j = 0; j < kGroup; ++j) {
+#pragma unroll
+                    for (int mt = 0; mt < kMTiles; ++mt) {
+                        mma_16816<T>(s[mt][2 * (j0 + j)], a[mt], b[j][0], b[j][1]);
+                        mma_16816<T>(s[mt][2 * (j0 + j) + 1], a[mt], b[j][2], b[j][3]);
+                    }
                 }
             }
         }
 
-        // m_new = max(m, rowmax S);  α = exp2(m - m_new);  P = exp2(S - m_new);  l = α·l + rowsum P
-        float alpha[2];
+        // Masked scores become -inf. Row i sees the columns of this tile
+        // below min(Nk, i + diag + 1) - n0.
+        if constexpr (kMasked) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float m_new = row_max[r];
+            for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-            for (int nt = 0; nt < kNTiles; ++nt) m_new = fmaxf(m_new, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffff, m_new, 1));
-            m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffff, m_new, 2));
-            // A row with no visible key so far keeps m = -inf; subtract 0 so P = 0, not NaN.
-            const float m_use = m_new == -INFINITY ? 0.f : m_new;
-            alpha[r] = exp2_approx(row_max[r] - m_use);
-            row_max[r] = m_new;
-            float sum = 0.f;
+                for (int r = 0; r < 2; ++r) {
+                    int col_end = p.seqlen_k - tile * kBlockN - col_in_tile;
+                    if constexpr (kCausal) col_end = min(col_end, warp_row0 + mt * kMmaM + r * 8 + diag + 1
+                                                                      - tile * kBlockN - col_in_tile);
 #pragma unroll
-            for (int nt = 0; nt < kNTiles; ++nt) {
-                s[nt][2 * r] = exp2_approx(s[nt][2 * r] - m_use);
-                s[nt][2 * r + 1] = exp2_approx(s[nt][2 * r + 1] - m_use);
-                sum += s[nt][2 * r] + s[nt][2 * r + 1];
-            }
-            row_sum[r] = alpha[r] * row_sum[r] + sum;
-        }
-
-        // O = α·O, skipped when no row of the warp raised its max.
-        if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
+                    for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
-            for (int dt = 0; dt < kDTiles; ++dt) {
-                o_acc[dt][0] *= alpha[0];
-                o_acc[dt][1] *= alpha[0];
-                o_acc[dt][2] *= alpha[1];
-                o_acc[dt][3] *= alpha[1];
+                        for (int c = 0; c < 2; ++c) {
+                            if (nt * kMmaN + c >= col_end) s[mt][nt][2 * r + c] = -INFINITY;
+                        }
+                    }
+                }
             }
         }
 
-        // O += P V, with P taken straight from the S accumulators as A fragments.
-        const T* v_tile = v_smem + stage * Tile::kKVElems;
+        // m_new = max(m, rowmax S) on the raw scores (scale > 0, see FwdParams);
+        // with c = scale·log2e:  α = exp2(c·(m - m_new));  P = exp2(c·S - c·m_new);  l = α·l + rowsum P
+        bool rescale = false;
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float part[kNTiles];  // reduced as a tree: short dependency chains
+#pragma unroll
+                for (int nt = 0; nt < kNTiles; ++nt) part[nt] = fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]);
+                float m_new = fmaxf(row_max[mt][r], tree_reduce(part, MaxOp{}));
+                m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffff, m_new, 1));
+                m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffff, m_new, 2));
+                // A row with no visible key so far keeps m = -inf; subtract 0 so P = 0, not NaN.
+                const float m_scaled = m_new == -INFINITY ? 0.f : m_new * p.scale_log2;
+                alpha[mt][r] = exp2_approx(row_max[mt][r] * p.scale_log2 - m_scaled);
+                rescale |= alpha[mt][r] != 1.f;
+                row_max[mt][r] = m_new;
+#pragma unroll
+                for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        float& x = s[mt][nt][2 * r + c];
+                        x = exp2_approx(fmaf(x, p.scale_log2, -m_scaled));
+                    }
+                    part[nt] = s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+                }
+                row_sum[mt][r] = alpha[mt][r] * row_sum[mt][r] + tree_reduce(part, SumOp{});
+            }
+        }
+        return __any_sync(0xffffffff, rescale);
+    };
+
+    // O = α·O (when some row raised its max);  O += P V, with P taken straight
+    // from the S accumulators as A fragments.
+    auto accumulate_pv = [&](const T* v_tile, bool rescale, const Scores& s, const RowScale& alpha) {
+        if (rescale) {
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+                for (int dt = 0; dt < kDTiles; ++dt) {
+                    o_acc[mt][dt][0] *= alpha[mt][0];
+                    o_acc[mt][dt][1] *= alpha[mt][0];
+                    o_acc[mt][dt][2] *= alpha[mt][1];
+                    o_acc[mt][dt][3] *= alpha[mt][1];
+                }
+            }
+        }
 #pragma unroll
         for (int ks = 0; ks < kNSteps; ++ks) {
-            const uint32_t a[4] = {pack2<T>(s[2 * ks][0], s[2 * ks][1]),
-                                   pack2<T>(s[2 * ks][2], s[2 * ks][3]),
-                                   pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                                   pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+            uint32_t a[kMTiles][4];
 #pragma unroll
-            for (int dt = 0; dt < kDTiles; dt += 2) {
-                // V fragments of column tiles dt, dt + 1: matrices (n lo | hi) x (d 0-7 | 8-15), transposed
-                uint32_t b[4];
-                ldmatrix_x4_trans(b, v_tile + (ks * kMmaK + ((lane / 8) % 2) * 8 + lane % 8) * kRowStride
-                                         + dt * kMmaN + (lane / 16) * 8);
-                mma_16816<T>(o_acc[dt], a, b[0], b[1]);
-                mma_16816<T>(o_acc[dt + 1], a, b[2], b[3]);
+            for (int mt = 0; mt < kMTiles; ++mt) {
+                a[mt][0] = pack2<T>(s[mt][2 * ks][0], s[mt][2 * ks][1]);
+                a[mt][1] = pack2<T>(s[mt][2 * ks][2], s[mt][2 * ks][3]);
+                a[mt][2] = pack2<T>(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
+                a[mt][3] = pack2<T>(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+            }
+            // V fragments of column tiles 2j, 2j + 1: matrices (n lo | hi) x (d 0-7 | 8-15), transposed
+#pragma unroll
+            for (int j0 = 0; j0 < kDTiles / 2; j0 += load_group(kDTiles / 2, kMTiles)) {
+                constexpr int kGroup = load_group(kDTiles / 2, kMTiles);
+                uint32_t b[kGroup][4];
+#pragma unroll
+                for (int j = 0; j < kGroup; ++j)
+                    ldmatrix_x4_trans(b[j], v_tile + (ks * kMmaK + ((lane / 8) % 2) * 8 + lane % 8) * kRowStride
+                                                + (j0 + j) * 2 * kMmaN + (lane / 16) * 8);
+#pragma unroll
+                for (int j = 0; j < kGroup; ++j) {
+#pragma unroll
+                    for (int mt = 0; mt < kMTiles; ++mt) {
+                        mma_16816<T>(o_acc[mt][2 * (j0 + j)], a[mt], b[j][0], b[j][1]);
+                        mma_16816<T>(o_acc[mt][2 * (j0 + j) + 1], a[mt], b[j][2], b[j][3]);
+                    }
+                }
             }
         }
-        __syncthreads();  // every warp is done with this stage before it is refilled
+    };
+
+    // One key/value tile, with the copies and barriers of the K/V pipeline.
+    auto step = [&](int it, auto masked) {
+        constexpr bool kMasked = decltype(masked)::value;
+        const int tile = n_tiles - 1 - it;
+        const int stage = it % Tile::kStages;
+        const bool more = it + 1 < n_tiles;
+        if constexpr (Tile::kStages == 2) {
+            if (more) {
+                load_k(tile - 1, 1 - stage);
+                load_v(tile - 1, 1 - stage);
+            }
+            cp_async_commit();
+            cp_async_wait<1>();  // this tile's K and V (and Q) have landed
+            __syncthreads();
+        } else {
+            cp_async_wait<0>();  // this tile's K (and Q) has landed
+            __syncthreads();     // and every warp is done with the last V
+            load_v(tile, 0);
+            cp_async_commit();
+        }
+        if constexpr (Tile::kQInRegs) {
+            if (it == 0) {
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+                    for (int ks = 0; ks < kDSteps; ++ks)
+                        load_a_frag<Tile>(q_frag[mt][ks], q_warp + mt * kMmaM * kRowStride, ks * kMmaK);
+            }
+        }
+
+        // On the causal diagonal, a warp whose rows all end before this tile
+        // has nothing to add: it only keeps step with the barriers.
+        const bool warp_idle = kCausal && kMasked && warp_m0 + Tile::kWarpRows - 1 + diag < tile * kBlockN;
+        Scores s = {};
+        RowScale alpha;
+        const bool rescale = !warp_idle && scores_to_probs(k_smem + stage * Tile::kKVElems, tile, masked, s, alpha);
+
+        if constexpr (Tile::kStages == 1) {
+            cp_async_wait<0>();  // this tile's V has landed
+            __syncthreads();     // and every warp is done with K
+            if (more) load_k(tile - 1, 0);
+            cp_async_commit();
+        }
+        if (!warp_idle) accumulate_pv(v_smem + stage * Tile::kKVElems, rescale, s, alpha);
+        if constexpr (Tile::kStages == 2) __syncthreads();  // every warp is done with this stage
     };
 
     int it = 0;
@@ -262,42 +413,40 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     for (; it < n_tiles; ++it) step(it, std::false_type{});
     cp_async_wait<0>();
 
-    // O = O / l;  LSE = m·ln2 + ln l (natural log of the unscaled-exp sum)
-    float inv_sum[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = row_sum[r];
-        l += __shfl_xor_sync(0xffffffff, l, 1);
-        l += __shfl_xor_sync(0xffffffff, l, 2);
-        inv_sum[r] = l > 0.f ? 1.f / l : 0.f;
-        const int row = m0 + row_in_block + r * 8;
-        if (lane % 4 == 0 && row < p.seqlen_q) {
-            const float lse = l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY;
-            p.lse[(static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + row] = lse;
-        }
-    }
-
-    // Stage this warp's 16 rows of O in its own rows of q_smem (no other warp
-    // reads them), then write them out in coalesced 16-byte chunks.
-    T* o_stage = q_smem + warp * kMmaM * kRowStride;
+    // O = O / l;  LSE = m·ln2 + ln l (natural log of the unscaled-exp sum).
+    // Each warp stages its own rows of O in its own rows of q_smem (no other
+    // warp reads them), then writes them out in coalesced 16-byte chunks.
+    T* o_stage = q_smem + warp * Tile::kWarpRows * kRowStride;
     __syncwarp();
 #pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
+    for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            *reinterpret_cast<uint32_t*>(o_stage + (lane / 4 + r * 8) * kRowStride + dt * kMmaN + col_in_tile) =
-                pack2<T>(o_acc[dt][2 * r] * inv_sum[r], o_acc[dt][2 * r + 1] * inv_sum[r]);
+            float l = row_sum[mt][r];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const float inv_sum = l > 0.f ? 1.f / l : 0.f;
+            const int row = warp_row0 + mt * kMmaM + r * 8;
+            if (lane % 4 == 0 && row < p.seqlen_q) {
+                const float lse = l > 0.f ? row_max[mt][r] * p.scale + logf(l) : -INFINITY;
+                p.lse[(static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + row] = lse;
+            }
+            const int stage_row = mt * kMmaM + lane / 4 + r * 8;
+#pragma unroll
+            for (int dt = 0; dt < kDTiles; ++dt) {
+                *reinterpret_cast<uint32_t*>(o_stage + stage_row * kRowStride + dt * kMmaN + col_in_tile) =
+                    pack2<T>(o_acc[mt][dt][2 * r] * inv_sum, o_acc[mt][dt][2 * r + 1] * inv_sum);
+            }
         }
     }
     __syncwarp();
-    T* o_g = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride
-             + (m0 + warp * kMmaM) * p.o_row_stride;
+    T* o_g = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride + warp_m0 * p.o_row_stride;
     constexpr int kChunksPerRow = kHeadDim / kChunk;
 #pragma unroll
-    for (int i = lane; i < kMmaM * kChunksPerRow; i += kWarpSize) {
+    for (int i = lane; i < Tile::kWarpRows * kChunksPerRow; i += kWarpSize) {
         const int row = i / kChunksPerRow;
         const int col = (i % kChunksPerRow) * kChunk;
-        if (m0 + warp * kMmaM + row < p.seqlen_q && col < p.head_dim) {
+        if (warp_m0 + row < p.seqlen_q && col < p.head_dim) {
             *reinterpret_cast<uint4*>(o_g + row * p.o_row_stride + col) =
                 *reinterpret_cast<const uint4*>(o_stage + row * kRowStride + col);
         }
@@ -308,16 +457,15 @@ inline void check_cuda(cudaError_t err, const char* what) {
     if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-template <typename Tag, int kHeadDim, bool kCausal>
-void launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
-    using Tile = FwdTileSm80<kHeadDim>;
-    auto kernel = fwd_kernel_sm80<Tag, kHeadDim, kCausal>;
+template <typename Tag, typename Tile, bool kCausal>
+void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
+    auto kernel = fwd_kernel_sm80<typename DeviceType<Tag>::type, Tile, kCausal>;
     int device = 0, smem_optin = 0;
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
     check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "cudaDeviceGetAttribute");
     if (Tile::kSmemBytes > smem_optin) {
-        throw std::invalid_argument("flash_ext forward: head dim " + std::to_string(kHeadDim) + " needs " +
+        throw std::invalid_argument("flash_ext forward: head dim " + std::to_string(Tile::kHeadDim) + " needs " +
                                     std::to_string(Tile::kSmemBytes) + " bytes of shared memory per block; "
                                     "this GPU offers " + std::to_string(smem_optin));
     }
@@ -326,6 +474,11 @@ void launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
     const dim3 grid(ceil_div(p.seqlen_q, Tile::kBlockM), p.heads_q, p.batch);
     kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
     check_cuda(cudaGetLastError(), "flash_ext forward launch");
+}
+
+template <typename Tag, int kHeadDim, bool kCausal>
+void launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
+    launch_fwd_sm80_tile<Tag, typename FwdConfigSm80<kHeadDim>::Tile, kCausal>(p, stream);
 }
 
 }  // namespace flash

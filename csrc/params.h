@@ -34,7 +34,9 @@ struct FwdParams {
     int seqlen_q, seqlen_k;
     int head_dim;  // the tensors' own, <= the compiled kHeadDim
 
-    float scale;       // softmax scale, for the LSE (natural log)
+    // The kernels take row maxima of the raw scores Q Kᵀ, so the scale must be
+    // positive: the binding moves a negative scale's sign onto q.
+    float scale;       // softmax scale (> 0), for the LSE (natural log)
     float scale_log2;  // scale · log2(e): the kernels use exp2
 };
 

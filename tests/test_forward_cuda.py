@@ -114,7 +114,7 @@ def test_gqa(hq, hkv, causal):
 
 
 def test_scale():
-    for scale in (0.05, 1.0, -0.3):
+    for scale in (0.05, 1.0, -0.3, 0.0):
         check_forward(*make_qkv(1, 2, 2, 200, 333, 128, torch.float16, 7), causal=True, scale=scale)
 
 
