@@ -85,8 +85,9 @@ void time_tile(const Problem& pr, std::vector<FwdParams>& sets, std::vector<floa
         diff = std::max(diff, std::fabs(x - first_out[i]));
         if (x != x) diff = INFINITY;
     }
-    printf("  BM=%3d BN=%3d mtiles=%d q_in_regs=%d stages=%d warps=%d smem=%6d B: %7.3f ms %6.1f TFLOP/s  maxdiff %.2e\n",
-           Tile::kBlockM, Tile::kBlockN, Tile::kMTiles, int(Tile::kQInRegs), Tile::kStages, Tile::kWarps, Tile::kSmemBytes, t,
+    printf("  BM=%3d BN=%3d mtiles=%d q_in_regs=%d stages=%d minblocks=%d warps=%d smem=%6d B: %7.3f ms %6.1f TFLOP/s  maxdiff %.2e\n",
+           Tile::kBlockM, Tile::kBlockN, Tile::kMTiles, int(Tile::kQInRegs), Tile::kStages, Tile::kMinBlocks, Tile::kWarps,
+           Tile::kSmemBytes, t,
            flops / t * 1e-9, diff);
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
@@ -119,14 +120,16 @@ void sweep(const Problem& pr) {
 
 // Candidate tiles <head dim, BM, BN, m-tiles per warp, Q in registers, K/V stages>; the first is the current choice.
 #if TUNE_HEAD_DIM <= 64
-#define CANDIDATES(D) \
-    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 2, true, 1>, FwdTileSm80<D, 128, 64, 2, false, 2>
+#define CANDIDATES(D)                                                                                     \
+    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 2, true, 2>, FwdTileSm80<D, 128, 64, 2, false, 2, 3>, \
+        FwdTileSm80<D, 128, 32, 2, true, 2, 3>
 #elif TUNE_HEAD_DIM <= 128
 #define CANDIDATES(D) \
     typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 2, false, 2>, FwdTileSm80<D, 128, 32, 2, false, 1>
 #else
-#define CANDIDATES(D) \
-    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 1, false, 1>, FwdTileSm80<D, 64, 32, 1, false, 1>
+#define CANDIDATES(D)                                                                                   \
+    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 64, 32, 1, false, 2>, FwdTileSm80<D, 64, 64, 1, true, 1>, \
+        FwdTileSm80<D, 64, 32, 1, true, 2>
 #endif
 
 int main() {

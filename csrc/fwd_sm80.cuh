@@ -39,7 +39,8 @@ __host__ __device__ constexpr int load_group(int n, int m_tiles) {
 
 // One tile configuration of the sm_80 forward. A warp owns kMTiles·16 query
 // rows, so each K or V fragment it loads from shared memory feeds kMTiles mmas.
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kMTiles_, bool kQInRegs_, int kStages_ = 2>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kMTiles_, bool kQInRegs_, int kStages_ = 2,
+          int kMinBlocks_ = 1>
 struct FwdTileSm80 {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockM = kBlockM_;
@@ -52,6 +53,8 @@ struct FwdTileSm80 {
     // K/V buffers. 2: the next tile's K and V load while this one computes.
     // 1: V loads during S = Q Kᵀ and the softmax, the next K during O += P V.
     static constexpr int kStages = kStages_;
+    // Blocks that must fit on an SM at once: caps the registers per thread.
+    static constexpr int kMinBlocks = kMinBlocks_;
     // Each shared-memory row is padded by one 16-byte chunk: kHeadDim/8 + 1
     // chunks is odd, so the 8 rows one ldmatrix phase reads start in 8
     // different 16-byte bank groups: no bank conflicts.
@@ -70,12 +73,13 @@ struct FwdTileSm80 {
 // The tile sizes of the sm_80 forward per head dim: the one place they are
 // chosen (bench/tune_fwd_sm80.cu measures the candidates; bench/PERFORMANCE.md has
 // the figures). Up to head dim 128 a warp owns 32 rows, two m-tiles, so each
-// K/V fragment feeds two mmas, and two blocks of 4 warps share an SM. Every
-// choice fits the 99 KB of shared memory of sm_86/sm_89 as well.
+// K/V fragment feeds two mmas, and two blocks of 4 warps share an SM (three
+// up to head dim 64). Every choice fits the 99 KB of shared memory of
+// sm_86/sm_89 as well.
 template <int kHeadDim>
 struct FwdConfigSm80 {
     using Tile = std::conditional_t<
-        (kHeadDim <= 64), FwdTileSm80<kHeadDim, 128, 64, 2, true, 2>,
+        (kHeadDim <= 64), FwdTileSm80<kHeadDim, 128, 64, 2, false, 1, 3>,
         std::conditional_t<(kHeadDim <= 128), FwdTileSm80<kHeadDim, 128, 64, 2, false, 1>,
                            FwdTileSm80<kHeadDim, 64, 64, 1, false, 1>>>;
     static_assert(Tile::kSmemBytes <= 99 * 1024, "fits every sm_8x GPU");
@@ -147,7 +151,7 @@ __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* smem, int
 }
 
 template <typename T, typename Tile, bool kCausal>
-__global__ void __launch_bounds__(Tile::kThreads, 1)
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     constexpr int kHeadDim = Tile::kHeadDim;
     constexpr int kBlockM = Tile::kBlockM;
