@@ -118,18 +118,17 @@ void sweep(const Problem& pr) {
     }
 }
 
-// Candidate tiles <head dim, BM, BN, m-tiles per warp, Q in registers, K/V stages>; the first is the current choice.
+// Candidate tiles <head dim, BM, BN, m-tiles per warp, Q in registers, K/V stages, min blocks per SM>;
+// the first is the current choice. Edit the lists to try others.
 #if TUNE_HEAD_DIM <= 64
-#define CANDIDATES(D)                                                                                     \
-    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 2, true, 2>, FwdTileSm80<D, 128, 64, 2, false, 2, 3>, \
-        FwdTileSm80<D, 128, 32, 2, true, 2, 3>
+#define CANDIDATES(D) \
+    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 2, true, 2>, FwdTileSm80<D, 128, 64, 2, false, 2, 3>
 #elif TUNE_HEAD_DIM <= 128
 #define CANDIDATES(D) \
     typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 2, false, 2>, FwdTileSm80<D, 128, 32, 2, false, 1>
 #else
-#define CANDIDATES(D)                                                                                   \
-    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 64, 32, 1, false, 2>, FwdTileSm80<D, 64, 64, 1, true, 1>, \
-        FwdTileSm80<D, 64, 32, 1, true, 2>
+#define CANDIDATES(D) \
+    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 1, false, 1>, FwdTileSm80<D, 64, 32, 1, false, 1>
 #endif
 
 int main() {

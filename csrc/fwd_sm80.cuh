@@ -168,9 +168,13 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     T* k_smem = q_smem + Tile::kQElems;                          // [kStages][kBlockN][kRowStride]
     T* v_smem = k_smem + Tile::kStages * Tile::kKVElems;         // [kStages][kBlockN][kRowStride]
 
-    const int m_block = gridDim.x - 1 - blockIdx.x;  // longest (causal) rows first
-    const int head = blockIdx.y;
-    const int batch = blockIdx.z;
+    // Blocks start in grid order. Causal blocks differ in work (block m sees
+    // about (m + 1)·kBlockM keys), so every head's longest blocks go first and
+    // the grid ends on short ones. Equal blocks go head by head, so the blocks
+    // that read the same K and V run together and find them in L2.
+    const int m_block = kCausal ? gridDim.y - 1 - blockIdx.y : blockIdx.x;
+    const int head = kCausal ? blockIdx.x % p.heads_q : blockIdx.y;
+    const int batch = kCausal ? blockIdx.x / p.heads_q : blockIdx.z;
     const int head_kv = head / (p.heads_q / p.heads_kv);
     const int warp = threadIdx.x / kWarpSize;
     const int lane = threadIdx.x % kWarpSize;
@@ -475,7 +479,12 @@ void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
     }
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes),
                "cudaFuncSetAttribute");
-    const dim3 grid(ceil_div(p.seqlen_q, Tile::kBlockM), p.heads_q, p.batch);
+    const int m_blocks = ceil_div(p.seqlen_q, Tile::kBlockM);
+    if (kCausal && m_blocks > 65535) {
+        throw std::invalid_argument("flash_ext forward: causal seqlen_q " + std::to_string(p.seqlen_q) +
+                                    " needs more than 65535 blocks of " + std::to_string(Tile::kBlockM) + " rows");
+    }
+    const dim3 grid = kCausal ? dim3(p.batch * p.heads_q, m_blocks) : dim3(m_blocks, p.heads_q, p.batch);
     kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
     check_cuda(cudaGetLastError(), "flash_ext forward launch");
 }
