@@ -132,7 +132,7 @@ void sweep(const Problem& pr) {
 #endif
 
 int main() {
-    for (int seqlen : {1024, 4096}) {
+    for (int seqlen : {512, 1024, 4096}) {
         for (bool causal : {false, true}) {
             const Problem pr{16384 / seqlen, 2048 / kD, seqlen, causal};
             sweep<CANDIDATES(kD)>(pr);

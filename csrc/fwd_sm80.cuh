@@ -168,13 +168,12 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     T* k_smem = q_smem + Tile::kQElems;                          // [kStages][kBlockN][kRowStride]
     T* v_smem = k_smem + Tile::kStages * Tile::kKVElems;         // [kStages][kBlockN][kRowStride]
 
-    // Blocks start in grid order. Causal blocks differ in work (block m sees
-    // about (m + 1)·kBlockM keys), so every head's longest blocks go first and
-    // the grid ends on short ones. Equal blocks go head by head, so the blocks
-    // that read the same K and V run together and find them in L2.
-    const int m_block = kCausal ? gridDim.y - 1 - blockIdx.y : blockIdx.x;
-    const int head = kCausal ? blockIdx.x % p.heads_q : blockIdx.y;
-    const int batch = kCausal ? blockIdx.x / p.heads_q : blockIdx.z;
+    // Blocks start in grid order (the launcher picks it, see FwdParams):
+    // head by head, or, for long causal rows, longest first across all heads.
+    const bool longest_first = kCausal && p.causal_longest_first;
+    const int m_block = longest_first ? gridDim.y - 1 - blockIdx.y : kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int head = longest_first ? blockIdx.x % p.heads_q : blockIdx.y;
+    const int batch = longest_first ? blockIdx.x / p.heads_q : blockIdx.z;
     const int head_kv = head / (p.heads_q / p.heads_kv);
     const int warp = threadIdx.x / kWarpSize;
     const int lane = threadIdx.x % kWarpSize;
@@ -461,6 +460,9 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     }
 }
 
+// Row blocks per head from which causal blocks go longest first (launcher).
+constexpr int kLongestFirstMinBlocks = 16;
+
 inline void check_cuda(cudaError_t err, const char* what) {
     if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
@@ -479,13 +481,18 @@ void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
     }
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes),
                "cudaFuncSetAttribute");
+    // Causal blocks differ in work (block m sees about (m + 1)·kBlockM keys).
+    // Launched head by head, the last heads' longest blocks start late and run
+    // alone at the end of the grid; with many row blocks per head, every
+    // head's longest blocks go first instead. With few, head-by-head order
+    // measured faster: the blocks that read the same K and V run together
+    // and find them in L2 (bench/PERFORMANCE.md, v9).
     const int m_blocks = ceil_div(p.seqlen_q, Tile::kBlockM);
-    if (kCausal && m_blocks > 65535) {
-        throw std::invalid_argument("flash_ext forward: causal seqlen_q " + std::to_string(p.seqlen_q) +
-                                    " needs more than 65535 blocks of " + std::to_string(Tile::kBlockM) + " rows");
-    }
-    const dim3 grid = kCausal ? dim3(p.batch * p.heads_q, m_blocks) : dim3(m_blocks, p.heads_q, p.batch);
-    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+    FwdParams params = p;
+    params.causal_longest_first = kCausal && m_blocks >= kLongestFirstMinBlocks && m_blocks <= 65535;
+    const dim3 grid = params.causal_longest_first ? dim3(p.batch * p.heads_q, m_blocks)
+                                                  : dim3(m_blocks, p.heads_q, p.batch);
+    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
     check_cuda(cudaGetLastError(), "flash_ext forward launch");
 }
 

@@ -38,6 +38,10 @@ struct FwdParams {
     // positive: the binding moves a negative scale's sign onto q.
     float scale;       // softmax scale (> 0), for the LSE (natural log)
     float scale_log2;  // scale · log2(e): the kernels use exp2
+
+    // Set by the launcher: causal blocks ordered longest first across heads
+    // (grid = (batch·heads, row blocks)) rather than head by head.
+    bool causal_longest_first;
 };
 
 // Defined once per (type, head dim, causal) in a generated .cu file.
