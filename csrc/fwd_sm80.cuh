@@ -1,10 +1,11 @@
-// FlashAttention-2 forward for sm_80 and later: mma.sync tensor cores,
-// cp.async double buffering, online softmax in registers.
+// FlashAttention-2 forward for sm_80 and later: mma.sync tensor cores, K/V
+// tiles staged in shared memory by cp.async while the previous tile computes,
+// online softmax in registers.
 //
 // A thread block owns kBlockM query rows of one (batch, head); each warp owns
-// 16 of them. The block walks the key/value tiles that its rows can see, last
-// tile first, so the tiles that need a mask (the causal diagonal and the
-// ragged tail) are done first and the rest run unmasked.
+// kMTiles·16 of them. The block walks the key/value tiles that its rows can
+// see, last tile first, so the tiles that need a mask (the causal diagonal and
+// the ragged tail) are done first and the rest run unmasked.
 #pragma once
 
 #include <cmath>
@@ -171,7 +172,9 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     // Blocks start in grid order (the launcher picks it, see FwdParams):
     // head by head, or, for long causal rows, longest first across all heads.
     const bool longest_first = kCausal && p.causal_longest_first;
-    const int m_block = longest_first ? gridDim.y - 1 - blockIdx.y : kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int m_block = longest_first ? gridDim.y - 1 - blockIdx.y
+                        : kCausal     ? gridDim.x - 1 - blockIdx.x
+                                      : blockIdx.x;
     const int head = longest_first ? blockIdx.x % p.heads_q : blockIdx.y;
     const int batch = longest_first ? blockIdx.x / p.heads_q : blockIdx.z;
     const int head_kv = head / (p.heads_q / p.heads_kv);
@@ -420,7 +423,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     for (; it < n_tiles; ++it) step(it, std::false_type{});
     cp_async_wait<0>();
 
-    // O = O / l;  LSE = m·ln2 + ln l (natural log of the unscaled-exp sum).
+    // O = O / l;  LSE = scale·m + ln l, the natural log of Σ exp(scale·S).
     // Each warp stages its own rows of O in its own rows of q_smem (no other
     // warp reads them), then writes them out in coalesced 16-byte chunks.
     T* o_stage = q_smem + warp * Tile::kWarpRows * kRowStride;

@@ -200,7 +200,7 @@ def test_second_gpu():
     assert (o.float() - ref).abs().max().item() < 2e-2
 
 
-def test_deterministic_and_deliberate_errors():
+def test_repeatable_and_input_errors():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, 20)
     assert torch.equal(flash_ext.attention(q, k, v), flash_ext.attention(q, k, v))
     with pytest.raises(TypeError, match="float16 or bfloat16.*cast"):
