@@ -1,0 +1,71 @@
+"""The custom ops behind flash_ext.attention: torch.library.opcheck, and
+torch.compile(fullgraph=True) with dynamic shapes (a graph break fails the test).
+CPU tensors run the reference; the CUDA cases skip without a GPU."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import flash_ext
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def qkv(b, hq, hkv, nq, nk, d, device, dtype, seed):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return tuple(torch.randn(b, h, n, d, device=device, dtype=torch.float32, generator=gen).to(dtype)
+                 for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
+
+
+def run_opcheck(q, k, v, causal, scale):
+    checks = opcheck(torch.ops.flash_ext.fwd.default, (q, k, v, causal, scale))
+    assert all(result == "SUCCESS" for result in checks.values()), checks
+    # The backward op has no derivative of its own (no double backward).
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, lse = torch.ops.flash_ext.fwd(q, k, v, causal, scale)
+    do, dlse = torch.randn_like(o), torch.randn_like(lse)
+    checks = opcheck(torch.ops.flash_ext.bwd.default, (do, q, k, v, o, lse, dlse, causal, scale))
+    assert all(result == "SUCCESS" for result in checks.values()), checks
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_cpu(causal):
+    q, k, v = qkv(2, 4, 2, 33, 40, 16, "cpu", torch.float64, 1)
+    run_opcheck(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal, 0.25)
+
+
+@CUDA
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_cuda(causal):
+    q, k, v = qkv(2, 4, 2, 129, 77, 64, "cuda", torch.bfloat16, 2)
+    run_opcheck(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal, 0.125)
+
+
+def loss(q, k, v):
+    o, lse = flash_ext.attention(q, k, v, causal=True, return_lse=True)
+    acc = torch.float64 if o.dtype == torch.float64 else torch.float32
+    return o.to(acc).square().sum() + lse.to(acc).sum()
+
+
+def check_compiled(device, dtype, backend, tol):
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=backend)
+    for seed, shape in enumerate([(2, 4, 2, 33, 40, 16), (1, 4, 1, 57, 20, 16), (3, 2, 2, 8, 8, 16)]):
+        inputs = [x.requires_grad_() for x in qkv(*shape, device, dtype, seed)]
+        copies = [x.detach().clone().requires_grad_() for x in inputs]
+        got, want = compiled(*inputs), loss(*copies)
+        got.backward()
+        want.backward()
+        assert torch.allclose(got, want, rtol=tol, atol=tol), (got, want)
+        for x, y in zip(inputs, copies):
+            assert torch.allclose(x.grad, y.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_dynamic_cpu(backend):
+    check_compiled("cpu", torch.float64, backend, 1e-10)
+
+
+@CUDA
+def test_compile_fullgraph_dynamic_cuda():
+    check_compiled("cuda", torch.bfloat16, "inductor", 2e-2)
