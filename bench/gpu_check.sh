@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Everything one GPU session checks, in one call: build, the tests (GPU ones
+# Everything a kernel change is checked with on a GPU, in one call: build, the tests (GPU ones
 # included), compute-sanitizer, and the side-by-side benchmark, with logs and
 # results under OUT_DIR and a short summary printed last.
-#   bash bench/gpu_session.sh OUT_DIR [bench.py options, e.g. --quick]
+#   bash bench/gpu_check.sh OUT_DIR [bench.py options, e.g. --quick]
 set -uo pipefail
-out=${1:?usage: bench/gpu_session.sh OUT_DIR [bench.py options]}
+out=${1:?usage: bench/gpu_check.sh OUT_DIR [bench.py options]}
 shift
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
