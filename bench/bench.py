@@ -114,21 +114,8 @@ def import_flash_ext():
 
 def flash_ext_paths(flash_ext, device):
     """Which code flash_ext runs here for fp16/bf16: the compiled kernels or the reference."""
-    c = getattr(flash_ext.interface, "_C", None)
-
-    def query(name):  # what the extension says about itself, where it says it
-        try:
-            x = getattr(c, name, None)
-            return x() if callable(x) else x
-        except Exception as err:
-            return f"error: {err}"
-
-    info = {"extension_built": c is not None, "file": getattr(flash_ext, "__file__", None)}
-    if c is not None:
-        info.update({name: query(name) for name in ("has_forward", "has_backward", "built_head_dims")})
-    kernels = device.type == "cuda" and c is not None
-    info["forward"] = "kernel" if kernels and info.get("has_forward") is not False else "reference"
-    info["backward"] = "kernel" if kernels and info.get("has_backward") is True else "reference"
+    info = {"extension_built": flash_ext.interface._C is not None, "file": getattr(flash_ext, "__file__", None)}
+    info.update(flash_ext.interface.implementation(device))
     return info
 
 

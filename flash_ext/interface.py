@@ -99,6 +99,17 @@ def _check_cuda_inputs(q, k, v):
             raise ValueError(f"flash_ext.attention: {name} must start on a 16-byte boundary; call .contiguous() first")
 
 
+def implementation(device):
+    """Which code flash_ext.attention runs for tensors on `device`: "kernel" or "reference",
+    for the forward and the backward, and the head dims the kernels were built for."""
+    kernels = torch.device(device).type == "cuda" and _C is not None
+    return {
+        "forward": "kernel" if kernels else "reference",
+        "backward": "reference",  # the backward kernel does not exist yet
+        "built_head_dims": _C.built_head_dims() if _C is not None else None,
+    }
+
+
 @torch.library.custom_op("flash_ext::fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     if q.is_cuda:
