@@ -648,7 +648,7 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None, help="name in the output files (default: date and time)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--profile-one", metavar="DTYPE,HDIM,SEQLEN,CAUSAL", type=parse_profile,
-                   help="run flash_ext alone on one config a few times, nothing else (for ncu/nsys)")
+                   help="run one config a few times, nothing else (for ncu/nsys): flash_ext, or --impls")
     p.add_argument("--profile-iters", type=int, default=3, help="calls per mode under --profile-one")
     opts = p.parse_args(argv)
     choices = {"0": [False], "1": [True], "both": [False, True]}
@@ -675,15 +675,18 @@ def grid(opts, device):
 
 
 def profile_one(flash_ext, opts, device):
-    """A single flash_ext config, a few calls, one input set: nothing else runs on the GPU."""
+    """A single config, a few calls, one input set: nothing else runs on the GPU. flash_ext
+    alone unless --impls names others (e.g. flash_ext,sdpa_flash, for ncu to compare the two)."""
     cfg = make_config(*opts.profile_one, opts, device)
     sets = make_inputs(cfg, device, 1)
-    for mode in opts.modes:
-        fn, args = build(mode, "flash_ext", flash_ext, cfg.causal, sets)
-        for _ in range(opts.profile_iters):
-            fn(args[0])
-        sync(device)
-        print(f"profiled flash_ext {mode} {cfg.label()} × {opts.profile_iters}")
+    for impl in opts.impls or ["flash_ext"]:
+        for mode in opts.modes:
+            with backend_context(impl):
+                fn, args = build(mode, impl, flash_ext, cfg.causal, sets)
+                for _ in range(opts.profile_iters):
+                    fn(args[0])
+                sync(device)
+            print(f"profiled {impl} {mode} {cfg.label()} × {opts.profile_iters}")
 
 
 def main(argv=None):
