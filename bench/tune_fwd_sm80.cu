@@ -70,6 +70,7 @@ void time_tile(const Problem& pr, std::vector<FwdParams>& sets, std::vector<floa
     }
     std::sort(ms.begin(), ms.end());
     const double t = ms[ms.size() / 2];
+    const double t_min = ms.front(), t_max = ms.back();
     const double flops = 4.0 * pr.batch * pr.heads * double(pr.seqlen) * pr.seqlen * kD / (pr.causal ? 2 : 1);
 
     // Compare the first input set's output with the first candidate's.
@@ -85,10 +86,9 @@ void time_tile(const Problem& pr, std::vector<FwdParams>& sets, std::vector<floa
         diff = std::max(diff, std::fabs(x - first_out[i]));
         if (x != x) diff = INFINITY;
     }
-    printf("  BM=%3d BN=%3d mtiles=%d q_in_regs=%d stages=%d minblocks=%d warps=%d smem=%6d B: %7.3f ms %6.1f TFLOP/s  maxdiff %.2e\n",
-           Tile::kBlockM, Tile::kBlockN, Tile::kMTiles, int(Tile::kQInRegs), Tile::kStages, Tile::kMinBlocks, Tile::kWarps,
-           Tile::kSmemBytes, t,
-           flops / t * 1e-9, diff);
+    printf("  BM=%3d BN=%3d mtiles=%d q_in_regs=%d stages=%d minblocks=%d swizzled=%d warps=%d smem=%6d B: %7.3f ms (min %.3f, max %.3f) %6.1f TFLOP/s  maxdiff %.2e\n",
+           Tile::kBlockM, Tile::kBlockN, Tile::kMTiles, int(Tile::kQInRegs), Tile::kStages, Tile::kMinBlocks, int(Tile::kSwizzled), Tile::kWarps,
+           Tile::kSmemBytes, t, t_min, t_max, flops / t * 1e-9, diff);
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
 }
@@ -118,21 +118,20 @@ void sweep(const Problem& pr) {
     }
 }
 
-// Candidate tiles <head dim, BM, BN, m-tiles per warp, Q in registers, K/V stages, min blocks per SM>;
-// the first is the current choice. Edit the lists to try others.
+// Candidate tiles <head dim, BM, BN, m-tiles per warp, Q in registers, K/V stages, min blocks per SM,
+// swizzled rows>; the first two are the current choices (full, causal), each timed on both kinds of
+// problem. Edit the lists to try others.
+#define CURRENT(D) typename FwdConfigSm80<D, false>::Tile, typename FwdConfigSm80<D, true>::Tile
 #if TUNE_HEAD_DIM <= 64
-#define CANDIDATES(D) \
-    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 2, true, 2>, FwdTileSm80<D, 128, 64, 2, false, 2, 3>
+#define CANDIDATES(D) CURRENT(D), FwdTileSm80<D, 128, 64, 2, false, 1, 3, true>, FwdTileSm80<D, 128, 64, 2, false, 2, 3>
 #elif TUNE_HEAD_DIM <= 128
-#define CANDIDATES(D) \
-    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 2, false, 2>, FwdTileSm80<D, 128, 32, 2, false, 1>
+#define CANDIDATES(D) CURRENT(D), FwdTileSm80<D, 128, 64, 2, false, 2>, FwdTileSm80<D, 128, 32, 2, false, 1>
 #else
-#define CANDIDATES(D) \
-    typename FwdConfigSm80<D>::Tile, FwdTileSm80<D, 128, 64, 1, false, 1>, FwdTileSm80<D, 64, 32, 1, false, 1>
+#define CANDIDATES(D) CURRENT(D), FwdTileSm80<D, 128, 64, 1, false, 1>, FwdTileSm80<D, 64, 64, 1, false, 1, 1, false>
 #endif
 
 int main() {
-    for (int seqlen : {512, 1024, 4096}) {
+    for (int seqlen : {512, 1024, 4096, 16384}) {
         for (bool causal : {false, true}) {
             const Problem pr{16384 / seqlen, 2048 / kD, seqlen, causal};
             sweep<CANDIDATES(kD)>(pr);

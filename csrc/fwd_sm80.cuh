@@ -41,7 +41,7 @@ __host__ __device__ constexpr int load_group(int n, int m_tiles) {
 // One tile configuration of the sm_80 forward. A warp owns kMTiles·16 query
 // rows, so each K or V fragment it loads from shared memory feeds kMTiles mmas.
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kMTiles_, bool kQInRegs_, int kStages_ = 2,
-          int kMinBlocks_ = 1>
+          int kMinBlocks_ = 1, bool kSwizzled_ = true>
 struct FwdTileSm80 {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockM = kBlockM_;
@@ -56,17 +56,18 @@ struct FwdTileSm80 {
     static constexpr int kStages = kStages_;
     // Blocks that must fit on an SM at once: caps the registers per thread.
     static constexpr int kMinBlocks = kMinBlocks_;
-    // Each shared-memory row is padded by one 16-byte chunk: kHeadDim/8 + 1
-    // chunks is odd, so the 8 rows one ldmatrix phase reads start in 8
-    // different 16-byte bank groups: no bank conflicts.
-    static constexpr int kRowStride = kHeadDim + kChunk;
+    // Shared-memory layout (see smem_offset). Swizzled: rows of whole 128-byte
+    // lines (kHeadDim rounded up to 64 elements), chunks permuted within each
+    // line. Padded: rows of kHeadDim + 8 elements, in place.
+    static constexpr bool kSwizzled = kSwizzled_;
+    static constexpr int kRowStride = kSwizzled ? (kHeadDim + 63) / 64 * 64 : kHeadDim + kChunk;
     static constexpr int kQElems = kBlockM * kRowStride;
     static constexpr int kKVElems = kBlockN * kRowStride;
     static constexpr int kSmemBytes = (kQElems + 2 * kStages * kKVElems) * 2;
 
     static_assert(kHeadDim % kMmaK == 0 && kHeadDim <= 256, "head dim");
     static_assert(kBlockN % kMmaK == 0 && kBlockM % kWarpRows == 0, "tile");
-    static_assert((kHeadDim / kChunk) % 2 == 0, "padding needs an even chunk count per row");
+    static_assert(kSwizzled || (kHeadDim / kChunk) % 2 == 0, "padding needs an even chunk count per row");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
     static_assert(kStages == 1 || kStages == 2, "stages");
 };
@@ -75,18 +76,42 @@ struct FwdTileSm80 {
 // chosen (bench/tune_fwd_sm80.cu measures the candidates; bench/PERFORMANCE.md has
 // the figures). Up to head dim 128 a warp owns 32 rows, two m-tiles, so each
 // K/V fragment feeds two mmas, and two blocks of 4 warps share an SM (three
-// up to head dim 64). Every choice fits the 99 KB of shared memory of
+// up to head dim 64). Rows are swizzled where the registers allow: the
+// swizzled addresses cost registers that the 168-register cap of the
+// 3-block tile does not have, nor the causal kernel up to head dim 128 (its
+// mask path already spills). Every choice fits the 99 KB of shared memory of
 // sm_86/sm_89 as well.
-template <int kHeadDim>
+template <int kHeadDim, bool kCausal>
 struct FwdConfigSm80 {
+    static constexpr bool kSwizzled = kHeadDim > 128 || (kHeadDim > 64 && !kCausal);
     using Tile = std::conditional_t<
-        (kHeadDim <= 64), FwdTileSm80<kHeadDim, 128, 64, 2, false, 1, 3>,
-        std::conditional_t<(kHeadDim <= 128), FwdTileSm80<kHeadDim, 128, 64, 2, false, 1>,
-                           FwdTileSm80<kHeadDim, 64, 64, 1, false, 1>>>;
+        (kHeadDim <= 64), FwdTileSm80<kHeadDim, 128, 64, 2, false, 1, 3, kSwizzled>,
+        std::conditional_t<(kHeadDim <= 128), FwdTileSm80<kHeadDim, 128, 64, 2, false, 1, 1, kSwizzled>,
+                           FwdTileSm80<kHeadDim, 64, 64, 1, false, 1, 1, kSwizzled>>>;
     static_assert(Tile::kSmemBytes <= 99 * 1024, "fits every sm_8x GPU");
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Element offset of (row, col) in a shared tile. Both layouts keep the 8 rows
+// that one ldmatrix phase reads at the same chunk in 8 different 16-byte bank
+// groups (no bank conflicts):
+// - swizzled: the 16-byte chunk c of row r is stored at chunk c ^ (r % 8) of
+//   that row. The 8 chunks of a 128-byte global line stay in one 128-byte line
+//   of shared memory, so a warp's cp.async fills whole lines.
+// - padded: each row is one chunk longer (an odd number of chunks). Each row
+//   is shifted by 16 bytes against the 128-byte lines, which splits a warp's
+//   cp.async of a line in two: twice the L1 wavefronts and L2 requests
+//   (bench/PERFORMANCE.md, v10). But its ldmatrix addresses are a base plus
+//   constants, with no XOR, and need fewer registers (see FwdConfigSm80).
+// The row bases that the kernel adds are multiples of 8 rows, so r % 8 is the
+// same whether r counts from the tile or from that base.
+template <typename Tile>
+__device__ __forceinline__ int smem_offset(int row, int col) {
+    static_assert(kChunk == 8, "8 elements per chunk, 8 chunks per 128-byte line");
+    if constexpr (Tile::kSwizzled) return row * Tile::kRowStride + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
+    return row * Tile::kRowStride + col;
+}
 
 struct MaxOp {
     __device__ float operator()(float x, float y) const { return fmaxf(x, y); }
@@ -108,7 +133,7 @@ __device__ __forceinline__ float tree_reduce(float (&x)[N], Op op) {
 }
 
 // Copy a (kRows x kHeadDim) tile, rows [0, rows_valid) and columns
-// [0, head_dim) of it real, into padded shared memory; the rest zero-filled.
+// [0, head_dim) of it real, into shared memory; the rest zero-filled.
 // Where a pass of the block covers whole rows, each thread keeps one column
 // and steps down the rows, so its addresses are one base plus a constant.
 template <typename Tile, int kRows, typename T>
@@ -120,13 +145,12 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
         const int row0 = threadIdx.x / kChunksPerRow;
         const int col = (threadIdx.x % kChunksPerRow) * kChunk;
         const T* src = gmem + row0 * row_stride + col;
-        T* dst = smem + row0 * Tile::kRowStride + col;
 #pragma unroll
         for (int pass = 0; pass < ceil_div(kRows, kRowsPerPass); ++pass) {
             const int row = row0 + pass * kRowsPerPass;
             if (kRows % kRowsPerPass != 0 && row >= kRows) break;
             const bool valid = row < rows_valid && col < head_dim;
-            cp_async_16(dst + pass * kRowsPerPass * Tile::kRowStride, valid ? src : gmem, valid);
+            cp_async_16(smem + smem_offset<Tile>(row, col), valid ? src : gmem, valid);
             src += kRowsPerPass * row_stride;
         }
     } else {
@@ -138,18 +162,34 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
             const int row = i / kChunksPerRow;
             const int col = (i % kChunksPerRow) * kChunk;
             const bool valid = row < rows_valid && col < head_dim;
-            cp_async_16(smem + row * Tile::kRowStride + col, valid ? gmem + row * row_stride + col : gmem, valid);
+            cp_async_16(smem + smem_offset<Tile>(row, col), valid ? gmem + row * row_stride + col : gmem, valid);
         }
     }
 }
 
-// A-operand fragment (16x16) of rows [0,16) and columns [col, col+16) of a
-// padded shared tile whose first row is `smem`.
-template <typename Tile, typename T>
-__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* smem, int col) {
-    const int lane = threadIdx.x % kWarpSize;
-    ldmatrix_x4(a, smem + (lane % 16) * Tile::kRowStride + col + (lane / 16) * kChunk);
-}
+// One lane's ldmatrix addresses into a shared tile, as 32-bit shared-memory
+// addresses. In every ldmatrix.x4 of the kernel a lane reads row lane_row + r
+// and chunk c / 8 + b of a tile, where r (a multiple of 8) and c (a multiple
+// of 16 elements, so c / 8 is even) are constants of the unrolled loops,
+// lane_row % 8 = lane % 8, and b is 0 or 1. Swizzled, that chunk is stored at
+// chunk (c / 8) ^ x with x = b ^ lane % 8 < 8; rows start on 128-byte
+// boundaries, so the address is (row | x << 4) ^ ((c / 8) % 8 << 4) plus a
+// constant: one XOR per load, with a compile-time operand.
+template <typename Tile>
+struct LdmatrixLane {
+    static constexpr int kRowBytes = Tile::kRowStride * 2;
+    uint32_t base;  // shared address of row lane_row; swizzled: x in bits 4-6, padded: + 16·b
+
+    __device__ LdmatrixLane(const void* tile, int lane_row, int b)
+        : base(smem_addr(tile) + lane_row * kRowBytes +
+               (Tile::kSwizzled ? (b ^ (lane_row & 7)) << 4 : b * 16)) {}
+
+    __device__ __forceinline__ uint32_t at(int r, int c) const {
+        const int chunk = c / kChunk;
+        if constexpr (Tile::kSwizzled) return (base ^ ((chunk & 7) << 4)) + r * kRowBytes + ((chunk & ~7) << 4);
+        return base + r * kRowBytes + chunk * 16;
+    }
+};
 
 template <typename T, typename Tile, bool kCausal>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
@@ -164,7 +204,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     constexpr int kDSteps = kHeadDim / kMmaK;    // k-steps of S = Q Kᵀ
     constexpr int kNSteps = kBlockN / kMmaK;     // k-steps of O += P V
 
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    extern __shared__ __align__(128) unsigned char smem_raw[];
     T* q_smem = reinterpret_cast<T*>(smem_raw);                 // [kBlockM][kRowStride]
     T* k_smem = q_smem + Tile::kQElems;                          // [kStages][kBlockN][kRowStride]
     T* v_smem = k_smem + Tile::kStages * Tile::kKVElems;         // [kStages][kBlockN][kRowStride]
@@ -215,6 +255,12 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     cp_async_commit();
 
     const T* q_warp = q_smem + warp * Tile::kWarpRows * kRowStride;  // this warp's query rows
+    // ldmatrix lanes: Q and V read rows lane % 16 at chunk bit lane / 16 (A
+    // fragments of Q; V transposed), K rows (lane / 16)·8 + lane % 8 at chunk bit (lane / 8) % 2.
+    const LdmatrixLane<Tile> q_lane(q_warp, lane % 16, lane / 16);
+    const LdmatrixLane<Tile> k_lane(k_smem, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+    const LdmatrixLane<Tile> v_lane(v_smem, lane % 16, lane / 16);
+    constexpr uint32_t kKVStageBytes = Tile::kKVElems * 2;
     uint32_t q_frag[kMTiles][Tile::kQInRegs ? kDSteps : 1][4];      // [m-tile][k-step][A fragment]
 
     // Per thread, in each 16-row m-tile: rows g = lane / 4 and g + 8 (r = 0, 1).
@@ -235,7 +281,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     // P in place and returns whether any row of the warp raised its max.
     using Scores = float[kMTiles][kNTiles][4];  // S or P: kWarpRows x kBlockN per warp
     using RowScale = float[kMTiles][2];         // α per row
-    auto scores_to_probs = [&](const T* k_tile, int tile, auto masked, Scores& s, RowScale& alpha) {
+    auto scores_to_probs = [&](int stage, int tile, auto masked, Scores& s, RowScale& alpha) {
         constexpr bool kMasked = decltype(masked)::value;
 #pragma unroll
         for (int ks = 0; ks < kDSteps; ++ks) {
@@ -246,7 +292,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
 #pragma unroll
                     for (int i = 0; i < 4; ++i) a[mt][i] = q_frag[mt][ks][i];
                 } else {
-                    load_a_frag<Tile>(a[mt], q_warp + mt * kMmaM * kRowStride, ks * kMmaK);
+                    ldmatrix_x4(a[mt], q_lane.at(mt * kMmaM, ks * kMmaK));
                 }
             }
             // Kᵀ fragments of column tiles 2j, 2j + 1: matrices (n 0-7 | 8-15) x (k lo | hi).
@@ -258,8 +304,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
                 uint32_t b[kGroup][4];
 #pragma unroll
                 for (int j = 0; j < kGroup; ++j)
-                    ldmatrix_x4(b[j], k_tile + ((j0 + j) * 2 * kMmaN + (lane / 16) * 8 + lane % 8) * kRowStride
-                                          + ks * kMmaK + ((lane / 8) % 2) * 8);
+                    ldmatrix_x4(b[j], stage * kKVStageBytes + k_lane.at((j0 + j) * 2 * kMmaN, ks * kMmaK));
 #pragma unroll
                 for (int j = 0; j < kGroup; ++j) {
 #pragma unroll
@@ -327,7 +372,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
 
     // O = α·O (when some row raised its max);  O += P V, with P taken straight
     // from the S accumulators as A fragments.
-    auto accumulate_pv = [&](const T* v_tile, bool rescale, const Scores& s, const RowScale& alpha) {
+    auto accumulate_pv = [&](int stage, bool rescale, const Scores& s, const RowScale& alpha) {
         if (rescale) {
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) {
@@ -357,8 +402,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
                 uint32_t b[kGroup][4];
 #pragma unroll
                 for (int j = 0; j < kGroup; ++j)
-                    ldmatrix_x4_trans(b[j], v_tile + (ks * kMmaK + ((lane / 8) % 2) * 8 + lane % 8) * kRowStride
-                                                + (j0 + j) * 2 * kMmaN + (lane / 16) * 8);
+                    ldmatrix_x4_trans(b[j], stage * kKVStageBytes + v_lane.at(ks * kMmaK, (j0 + j) * 2 * kMmaN));
 #pragma unroll
                 for (int j = 0; j < kGroup; ++j) {
 #pragma unroll
@@ -397,7 +441,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
                 for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
                     for (int ks = 0; ks < kDSteps; ++ks)
-                        load_a_frag<Tile>(q_frag[mt][ks], q_warp + mt * kMmaM * kRowStride, ks * kMmaK);
+                        ldmatrix_x4(q_frag[mt][ks], q_lane.at(mt * kMmaM, ks * kMmaK));
             }
         }
 
@@ -406,7 +450,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
         const bool warp_idle = kCausal && kMasked && warp_m0 + Tile::kWarpRows - 1 + diag < tile * kBlockN;
         Scores s = {};
         RowScale alpha;
-        const bool rescale = !warp_idle && scores_to_probs(k_smem + stage * Tile::kKVElems, tile, masked, s, alpha);
+        const bool rescale = !warp_idle && scores_to_probs(stage, tile, masked, s, alpha);
 
         if constexpr (Tile::kStages == 1) {
             cp_async_wait<0>();  // this tile's V has landed
@@ -414,7 +458,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
             if (more) load_k(tile - 1, 0);
             cp_async_commit();
         }
-        if (!warp_idle) accumulate_pv(v_smem + stage * Tile::kKVElems, rescale, s, alpha);
+        if (!warp_idle) accumulate_pv(stage, rescale, s, alpha);
         if constexpr (Tile::kStages == 2) __syncthreads();  // every warp is done with this stage
     };
 
@@ -444,7 +488,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
             const int stage_row = mt * kMmaM + lane / 4 + r * 8;
 #pragma unroll
             for (int dt = 0; dt < kDTiles; ++dt) {
-                *reinterpret_cast<uint32_t*>(o_stage + stage_row * kRowStride + dt * kMmaN + col_in_tile) =
+                *reinterpret_cast<uint32_t*>(o_stage + smem_offset<Tile>(stage_row, dt * kMmaN + col_in_tile)) =
                     pack2<T>(o_acc[mt][dt][2 * r] * inv_sum, o_acc[mt][dt][2 * r + 1] * inv_sum);
             }
         }
@@ -458,7 +502,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
         const int col = (i % kChunksPerRow) * kChunk;
         if (warp_m0 + row < p.seqlen_q && col < p.head_dim) {
             *reinterpret_cast<uint4*>(o_g + row * p.o_row_stride + col) =
-                *reinterpret_cast<const uint4*>(o_stage + row * kRowStride + col);
+                *reinterpret_cast<const uint4*>(o_stage + smem_offset<Tile>(row, col));
         }
     }
 }
@@ -501,7 +545,7 @@ void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
 
 template <typename Tag, int kHeadDim, bool kCausal>
 void launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
-    launch_fwd_sm80_tile<Tag, typename FwdConfigSm80<kHeadDim>::Tile, kCausal>(p, stream);
+    launch_fwd_sm80_tile<Tag, typename FwdConfigSm80<kHeadDim, kCausal>::Tile, kCausal>(p, stream);
 }
 
 }  // namespace flash

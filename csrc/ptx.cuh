@@ -36,18 +36,19 @@ __device__ __forceinline__ void cp_async_wait() {
 // matrices; lane i supplies the address of row i % 8 of matrix i / 8, and
 // register j receives, in each lane, row lane / 4, columns 2(lane % 4) and
 // 2(lane % 4) + 1 of matrix j.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+// smem_row is a shared-memory address (see smem_addr).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(smem_row)));
+                 : "r"(smem_row));
 }
 
 // The same with .trans: register j receives rows 2(lane % 4), 2(lane % 4) + 1
 // of column lane / 4, i.e. the fragment of the transposed matrix.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem_row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(smem_row)));
+                 : "r"(smem_row));
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (9.7.14.5.8):
