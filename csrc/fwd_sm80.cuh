@@ -135,22 +135,30 @@ __device__ __forceinline__ float tree_reduce(float (&x)[N], Op op) {
 // Copy a (kRows x kHeadDim) tile, rows [0, rows_valid) and columns
 // [0, head_dim) of it real, into shared memory; the rest zero-filled.
 // Where a pass of the block covers whole rows, each thread keeps one column
-// and steps down the rows, so its addresses are one base plus a constant.
+// and steps down the rows, so its addresses are one base plus a constant:
+// the swizzle of row row0 + pass·R is row0's when R is a multiple of 8, and
+// alternates between two when R = 4 ((row0 + 4) % 8 = row0 % 8 ^ 4).
 template <typename Tile, int kRows, typename T>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride,
                                                 int rows_valid, int head_dim) {
     constexpr int kChunksPerRow = Tile::kHeadDim / kChunk;
     if constexpr (Tile::kThreads % kChunksPerRow == 0) {
         constexpr int kRowsPerPass = Tile::kThreads / kChunksPerRow;
+        constexpr int kPassBytes = kRowsPerPass * Tile::kRowStride * 2;
+        constexpr bool kAlternates = Tile::kSwizzled && kRowsPerPass % 8 != 0;
+        static_assert(!kAlternates || kRowsPerPass == 4, "rows per pass: 4 or a multiple of 8");
         const int row0 = threadIdx.x / kChunksPerRow;
         const int col = (threadIdx.x % kChunksPerRow) * kChunk;
         const T* src = gmem + row0 * row_stride + col;
+        const uint32_t dst_even = smem_addr(smem + smem_offset<Tile>(row0, col));
+        const uint32_t dst_odd = smem_addr(smem + smem_offset<Tile>(row0 + kRowsPerPass, col)) - kPassBytes;
 #pragma unroll
         for (int pass = 0; pass < ceil_div(kRows, kRowsPerPass); ++pass) {
             const int row = row0 + pass * kRowsPerPass;
             if (kRows % kRowsPerPass != 0 && row >= kRows) break;
             const bool valid = row < rows_valid && col < head_dim;
-            cp_async_16(smem + smem_offset<Tile>(row, col), valid ? src : gmem, valid);
+            const uint32_t dst = (kAlternates && pass % 2 == 1 ? dst_odd : dst_even) + pass * kPassBytes;
+            cp_async_16(dst, valid ? src : gmem, valid);
             src += kRowsPerPass * row_stride;
         }
     } else {
@@ -162,7 +170,8 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
             const int row = i / kChunksPerRow;
             const int col = (i % kChunksPerRow) * kChunk;
             const bool valid = row < rows_valid && col < head_dim;
-            cp_async_16(smem + smem_offset<Tile>(row, col), valid ? gmem + row * row_stride + col : gmem, valid);
+            cp_async_16(smem_addr(smem + smem_offset<Tile>(row, col)), valid ? gmem + row * row_stride + col : gmem,
+                        valid);
         }
     }
 }

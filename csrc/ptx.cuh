@@ -15,10 +15,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
 // cp.async.cg.shared.global (9.7.9.25.3.1): copy 16 bytes global -> shared
 // without staging in registers, bypassing L1. With valid == false no byte is
 // read and the 16 destination bytes are zero-filled (src-size = 0).
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+// smem_dst is a shared-memory address (see smem_addr).
+__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src, bool valid) {
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(smem_addr(smem_dst)), "l"(gmem_src), "r"(src_bytes));
+                 :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes));
 }
 
 // cp.async.commit_group: close the group of copies issued so far by this thread.
