@@ -8,6 +8,7 @@
 // the ragged tail) are done first and the rest run unmasked.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -218,14 +219,19 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     T* k_smem = q_smem + Tile::kQElems;                          // [kStages][kBlockN][kRowStride]
     T* v_smem = k_smem + Tile::kStages * Tile::kKVElems;         // [kStages][kBlockN][kRowStride]
 
-    // Blocks start in grid order (the launcher picks it, see FwdParams):
-    // head by head, or, for long causal rows, longest first across all heads.
-    const bool longest_first = kCausal && p.causal_longest_first;
-    const int m_block = longest_first ? gridDim.y - 1 - blockIdx.y
-                        : kCausal     ? gridDim.x - 1 - blockIdx.x
-                                      : blockIdx.x;
-    const int head = longest_first ? blockIdx.x % p.heads_q : blockIdx.y;
-    const int batch = longest_first ? blockIdx.x / p.heads_q : blockIdx.z;
+    // Blocks start in grid order (the launcher picks it, see FwdParams): head
+    // by head, or, for long causal rows, longest first within groups of heads.
+    int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    int head = blockIdx.y, batch = blockIdx.z;
+    if (kCausal && p.causal_head_group > 0) {
+        const int m_blocks = ceil_div(p.seqlen_q, kBlockM);
+        const int first = blockIdx.x / (p.causal_head_group * m_blocks) * p.causal_head_group;
+        const int group = min(p.causal_head_group, p.batch * p.heads_q - first);  // the last may be smaller
+        const int i = blockIdx.x - first * m_blocks;                              // position in the group
+        m_block = m_blocks - 1 - i / group;
+        head = (first + i % group) % p.heads_q;
+        batch = (first + i % group) / p.heads_q;
+    }
     const int head_kv = head / (p.heads_q / p.heads_kv);
     const int warp = threadIdx.x / kWarpSize;
     const int lane = threadIdx.x % kWarpSize;
@@ -516,8 +522,12 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     }
 }
 
-// Row blocks per head from which causal blocks go longest first (launcher).
+// Causal launch order (launcher): longest first from this many row blocks per
+// head on, within groups of at least kLongestFirstMinHeads (batch, head) pairs,
+// more while their K and V fit in kLongestFirstGroupBytes of L2.
 constexpr int kLongestFirstMinBlocks = 16;
+constexpr int kLongestFirstMinHeads = 32;
+constexpr double kLongestFirstGroupBytes = 32.0 * 1024 * 1024;
 
 inline void check_cuda(cudaError_t err, const char* what) {
     if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
@@ -539,15 +549,24 @@ void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
                "cudaFuncSetAttribute");
     // Causal blocks differ in work (block m sees about (m + 1)·kBlockM keys).
     // Launched head by head, the last heads' longest blocks start late and run
-    // alone at the end of the grid; with many row blocks per head, every
-    // head's longest blocks go first instead. With few, head-by-head order
-    // measured faster: the blocks that read the same K and V run together
-    // and find them in L2 (bench/PERFORMANCE.md, v9).
+    // alone at the end of the grid; with many row blocks per head, the longest
+    // blocks go first instead. With few, head-by-head order measured faster:
+    // the blocks that read the same K and V run together and find them in L2.
+    // Longest first across all heads reads every head's K and V at once, from
+    // DRAM when they exceed the L2 (d=64, 4k: 1.16 GB per call where 0.13 GB
+    // is K and V), so it goes longest first within groups of heads whose K and
+    // V fit in part of the L2, but never fewer than kLongestFirstMinHeads
+    // (smaller groups measured slower). bench/PERFORMANCE.md, v9 and v12.
     const int m_blocks = ceil_div(p.seqlen_q, Tile::kBlockM);
+    const int pairs = p.batch * p.heads_q;
+    const double kv_bytes_per_head = 4.0 * p.seqlen_k * p.head_dim / (p.heads_q / p.heads_kv);
+    const int fitting = kv_bytes_per_head * pairs <= kLongestFirstGroupBytes
+                            ? pairs
+                            : static_cast<int>(kLongestFirstGroupBytes / kv_bytes_per_head);
     FwdParams params = p;
-    params.causal_longest_first = kCausal && m_blocks >= kLongestFirstMinBlocks && m_blocks <= 65535;
-    const dim3 grid = params.causal_longest_first ? dim3(p.batch * p.heads_q, m_blocks)
-                                                  : dim3(m_blocks, p.heads_q, p.batch);
+    params.causal_head_group =
+        kCausal && m_blocks >= kLongestFirstMinBlocks ? std::min(pairs, std::max(kLongestFirstMinHeads, fitting)) : 0;
+    const dim3 grid = params.causal_head_group > 0 ? dim3(pairs * m_blocks) : dim3(m_blocks, p.heads_q, p.batch);
     kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
     check_cuda(cudaGetLastError(), "flash_ext forward launch");
 }

@@ -39,9 +39,10 @@ struct FwdParams {
     float scale;       // softmax scale (> 0), for the LSE (natural log)
     float scale_log2;  // scale · log2(e): the kernels use exp2
 
-    // Set by the launcher: causal blocks ordered longest first across heads
-    // (grid = (batch·heads, row blocks)) rather than head by head.
-    bool causal_longest_first;
+    // Set by the launcher: 0 launches causal blocks head by head (grid = (row
+    // blocks, heads, batch)); G > 0 launches them longest first within groups
+    // of G (batch, head) pairs (a 1-D grid).
+    int causal_head_group;
 };
 
 // Defined once per (type, head dim, causal) in a generated .cu file.

@@ -113,6 +113,13 @@ def test_gqa(hq, hkv, causal):
     check_forward(*make_qkv(2, hq, hkv, 300, 257, 64, torch.bfloat16, hq * 10 + hkv), causal)
 
 
+@pytest.mark.parametrize("b,hq,hkv,n,d", [(3, 13, 13, 2065, 128), (2, 40, 20, 2100, 256), (40, 1, 1, 1100, 256)])
+def test_causal_longest_first_groups(b, hq, hkv, n, d):
+    """Long causal rows launch longest first in groups of (batch, head) pairs: several groups,
+    a smaller last one, GQA, and more pairs than one group holds."""
+    check_forward(*make_qkv(b, hq, hkv, n, n - 7, d, torch.bfloat16, b * hq + n), causal=True)
+
+
 def test_scale():
     for scale in (0.05, 1.0, -0.3, 0.0):
         check_forward(*make_qkv(1, 2, 2, 200, 333, 128, torch.float16, 7), causal=True, scale=scale)
