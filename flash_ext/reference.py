@@ -89,25 +89,26 @@ def online_softmax_step(s, m, l):
     return p, m_new, l_new, alpha
 
 
-def _check_shapes(q, k, v):
+def _problem(q, k, v, scale, block_q, block_k):
+    """Check the shapes and tile sizes; return the sizes (b, hq, nq, d, hkv, nk, g), the
+    scale and the accumulation dtype shared by the forward and the backward."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("reference: q, k, v must be 4-D (batch, heads, seqlen, head_dim)")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"reference: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"reference: Hq={q.shape[1]} is not a multiple of Hkv={k.shape[1]}")
-
-
-def attention_forward(q, k, v, *, causal=False, scale=None, block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK):
-    """Tiled forward. Returns (O in q's dtype, LSE (B, Hq, Nq) in natural log)."""
-    _check_shapes(q, k, v)
     if block_q < 1 or block_k < 1:
         raise ValueError("reference: tile sizes must be at least 1")
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    g = hq // hkv
     scale = default_scale(d) if scale is None else float(scale)
-    acc_dtype = compute_dtype(q.dtype)
+    return (b, hq, nq, d, hkv, nk, hq // hkv), scale, compute_dtype(q.dtype)
+
+
+def attention_forward(q, k, v, *, causal=False, scale=None, block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK):
+    """Tiled forward. Returns (O in q's dtype, LSE (B, Hq, Nq) in natural log)."""
+    (b, hq, nq, d, hkv, nk, g), scale, acc_dtype = _problem(q, k, v, scale, block_q, block_k)
 
     qg = _group_queries(q, hkv)
     out = torch.empty((b, hkv, g, nq, d), dtype=q.dtype, device=q.device)
@@ -143,14 +144,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, dlse=No
     dlse, if given, is the gradient flowing into the LSE output. Since
     dLSEᵢ/dSᵢⱼ = Pᵢⱼ, it enters as dS = P ∘ (dP - (D - dLSE)): only D changes.
     """
-    _check_shapes(q, k, v)
-    if block_q < 1 or block_k < 1:
-        raise ValueError("reference: tile sizes must be at least 1")
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    g = hq // hkv
-    scale = default_scale(d) if scale is None else float(scale)
-    acc_dtype = compute_dtype(q.dtype)
+    (b, hq, nq, d, hkv, nk, g), scale, acc_dtype = _problem(q, k, v, scale, block_q, block_k)
 
     qg = _group_queries(q, hkv)
     dog = _group_queries(do, hkv)
