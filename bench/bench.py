@@ -8,7 +8,9 @@
 Every configuration is timed for flash_ext and for each SDPA backend pinned in
 turn (flash, cuDNN, memory-efficient, math) plus SDPA's own choice, in one
 process. Times are CUDA-event medians over calls that rotate among several
-input sets (together larger than twice the L2 cache), after a warm-up.
+input sets (together larger than twice the L2 cache), after a warm-up. The
+implementations take turns in rounds (--rounds), so a clock or power change
+during the run falls on all of them, not on whichever happened to run then.
 Before timing, flash_ext's output is compared against SDPA's default output.
 
 Results go to bench/results/ as JSON (raw numbers and metadata), a markdown
@@ -274,36 +276,75 @@ def check(cfg, flash_ext, sets, with_grads):
         return {"ok": False, "error": failure_reason(err, [])}
 
 
-def timed(impl, mode, cfg, flash_ext, sets, opts, device):
-    """Median time of one (mode, implementation); the number of calls adapts to their cost."""
+def call_plan(impl, mode, cfg, flash_ext, sets, opts, device):
+    """(warm-up calls, timed calls) for one (mode, implementation), sized by the cost of one call.
+
+    The first call raises when the backend cannot run this configuration."""
     fn, args = build(mode, impl, flash_ext, cfg.causal, sets)
-    fn(args[0])  # first call: raises here when the backend cannot run this configuration
+    fn(args[0])
     est = max(time_fn(fn, args, 0, 1, device)[0], 1e-3)  # a second call, to size the warm-up and repetitions
     reps = int(min(opts.reps, max(opts.min_reps, opts.budget_ms / est)))
     warmup = int(min(opts.warmup, 0.25 * opts.budget_ms / est))
-    times = time_fn(fn, args, warmup, reps, device)
-    ms = statistics.median(times)
-    return {"status": "ok", "median_ms": ms, "min_ms": min(times), "mean_ms": statistics.fmean(times),
-            "reps": reps, "warmup": warmup, "times_ms": times, "tflops": flops(cfg, mode) / (ms * 1e-3) / 1e12}
+    return warmup, reps
 
 
-def measure(impl, mode, cfg, flash_ext, sets, opts, device):
-    """Time one (mode, implementation) on one configuration; never raises for an unsupported backend."""
-    if impl == "sdpa_math" and scores_bytes(cfg) > opts.math_budget_gib * GiB:
-        return {"status": "skipped (memory)",
-                "reason": f"N×N float32 scores {scores_bytes(cfg) / GiB:.1f} GiB > budget {opts.math_budget_gib} GiB"}
+def guarded(impl, what, device):
+    """what() under impl's SDPA backend: (its value, None), or (None, a status) when the backend
+    cannot run it. Never raises for an unsupported backend."""
     with backend_context(impl), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = timed(impl, mode, cfg, flash_ext, sets, opts, device)
+            return what(), None
         except torch.cuda.OutOfMemoryError as err:
-            result = {"status": "OOM", "reason": failure_reason(err, [])}
+            return None, {"status": "OOM", "reason": failure_reason(err, [])}
         except Exception as err:
             if is_fatal(err):
                 raise
-            result = {"status": "unavailable", "reason": failure_reason(err, caught)}
-    free_memory(device)  # the outputs and autograd graphs of timed() are gone by now
-    return result
+            return None, {"status": "unavailable", "reason": failure_reason(err, caught)}
+        finally:
+            free_memory(device)  # the outputs and autograd graphs of the calls are gone by now
+
+
+def measure(impls, mode, cfg, flash_ext, sets, opts, device, progress):
+    """Median time of each implementation on one configuration, timed in rounds: each round runs
+    every implementation's share of the calls in turn (after a short warm-up), so a change of
+    clock or power state during the measurement falls on all of them alike."""
+    results, plans = {}, {}
+    for impl in impls:
+        progress.status(f"{cfg.label()} {mode} {impl}")
+        if impl == "sdpa_math" and scores_bytes(cfg) > opts.math_budget_gib * GiB:
+            results[impl] = {"status": "skipped (memory)",
+                             "reason": f"N×N float32 scores {scores_bytes(cfg) / GiB:.1f} GiB > budget "
+                                       f"{opts.math_budget_gib} GiB"}
+            continue
+        plan, failure = guarded(impl, lambda: call_plan(impl, mode, cfg, flash_ext, sets, opts, device), device)
+        if failure:
+            results[impl] = failure
+        else:
+            plans[impl] = plan
+    times = {impl: [] for impl in plans}
+    for round_ in range(opts.rounds):
+        for impl, (warmup, reps) in list(plans.items()):
+            progress.status(f"{cfg.label()} {mode} round {round_ + 1}/{opts.rounds}")
+
+            def timed_round():
+                fn, args = build(mode, impl, flash_ext, cfg.causal, sets)
+                share = math.ceil(reps / opts.rounds)
+                return time_fn(fn, args, math.ceil(warmup / opts.rounds), share, device)
+
+            got, failure = guarded(impl, timed_round, device)
+            if failure:
+                results[impl] = failure
+                del plans[impl]
+            else:
+                times[impl] += got
+    for impl, (warmup, _) in plans.items():
+        ts = times[impl]
+        ms = statistics.median(ts)
+        results[impl] = {"status": "ok", "median_ms": ms, "min_ms": min(ts), "mean_ms": statistics.fmean(ts),
+                         "reps": len(ts), "rounds": opts.rounds, "warmup": warmup, "times_ms": ts,
+                         "tflops": flops(cfg, mode) / (ms * 1e-3) / 1e12}
+    return {impl: results[impl] for impl in impls}
 
 
 def run_config(cfg, flash_ext, impls, modes, opts, device, progress):
@@ -316,10 +357,7 @@ def run_config(cfg, flash_ext, impls, modes, opts, device, progress):
                        f"{chk.get('error') or {n: chk[n] for n in chk['bad']}}")
     timings = {}
     for mode in modes:
-        timings[mode] = {}
-        for impl in impls:
-            progress.status(f"{cfg.label()} {mode} {impl}")
-            timings[mode][impl] = measure(impl, mode, cfg, flash_ext, sets, opts, device)
+        timings[mode] = measure(impls, mode, cfg, flash_ext, sets, opts, device, progress)
         base = timings[mode].get("flash_ext", {})
         for r in timings[mode].values():
             if r["status"] == "ok" and base.get("status") == "ok":
@@ -641,6 +679,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=100, help="most timed calls per measurement")
     p.add_argument("--min-reps", type=int, default=5, help="fewest timed calls per measurement")
     p.add_argument("--budget-ms", type=float, default=300.0, help="target time spent timing one measurement")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds per configuration: each runs every implementation's share of the calls in turn")
     p.add_argument("--math-budget-gib", type=float, default=8.0, help="skip SDPA math above this N×N fp32 size")
     p.add_argument("--memory", action="store_true", help="peak-memory sweep (flash_ext vs SDPA math) instead of timing")
     p.add_argument("--mem-heads", type=int, default=8, help="heads in the memory sweep (batch 1)")

@@ -14,30 +14,9 @@
 #include <string>
 #include <type_traits>
 
-#include "params.h"
-#include "ptx.cuh"
+#include "tile_sm80.cuh"
 
 namespace flash {
-
-template <typename Tag> struct DeviceType;
-template <> struct DeviceType<Fp16> { using type = __half; };
-template <> struct DeviceType<Bf16> { using type = __nv_bfloat16; };
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kWarpSize = 32;
-constexpr int kMmaM = 16;    // rows of one mma.m16n8k16 tile
-constexpr int kMmaN = 8;     // columns of its accumulator
-constexpr int kMmaK = 16;    // its reduction depth
-constexpr int kChunk = 8;    // 16-byte chunk = 8 half-precision elements
-constexpr int kMmasPerLoadGroup = 8;  // ldmatrix.x4 loads are issued in groups feeding this many mmas
-
-// The largest group of loads, each feeding 2·m_tiles mmas, that divides n.
-__host__ __device__ constexpr int load_group(int n, int m_tiles) {
-    int g = kMmasPerLoadGroup / (2 * m_tiles);
-    g = n < g ? n : g;
-    while (n % g != 0) --g;
-    return g;
-}
 
 // One tile configuration of the sm_80 forward. A warp owns kMTiles·16 query
 // rows, so each K or V fragment it loads from shared memory feeds kMTiles mmas.
@@ -92,114 +71,6 @@ struct FwdConfigSm80 {
     static_assert(Tile::kSmemBytes <= 99 * 1024, "fits every sm_8x GPU");
 };
 
-__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// Element offset of (row, col) in a shared tile. Both layouts keep the 8 rows
-// that one ldmatrix phase reads at the same chunk in 8 different 16-byte bank
-// groups (no bank conflicts):
-// - swizzled: the 16-byte chunk c of row r is stored at chunk c ^ (r % 8) of
-//   that row. The 8 chunks of a 128-byte global line stay in one 128-byte line
-//   of shared memory, so a warp's cp.async fills whole lines.
-// - padded: each row is one chunk longer (an odd number of chunks). Each row
-//   is shifted by 16 bytes against the 128-byte lines, which splits a warp's
-//   cp.async of a line in two: twice the L1 wavefronts and L2 requests
-//   (bench/PERFORMANCE.md, v10). But its ldmatrix addresses are a base plus
-//   constants, with no XOR, and need fewer registers (see FwdConfigSm80).
-// The row bases that the kernel adds are multiples of 8 rows, so r % 8 is the
-// same whether r counts from the tile or from that base.
-template <typename Tile>
-__device__ __forceinline__ int smem_offset(int row, int col) {
-    static_assert(kChunk == 8, "8 elements per chunk, 8 chunks per 128-byte line");
-    if constexpr (Tile::kSwizzled) return row * Tile::kRowStride + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
-    return row * Tile::kRowStride + col;
-}
-
-struct MaxOp {
-    __device__ float operator()(float x, float y) const { return fmaxf(x, y); }
-};
-struct SumOp {
-    __device__ float operator()(float x, float y) const { return x + y; }
-};
-
-// Reduce x[0..N) (N a power of two) pairwise, log2(N) deep; x is overwritten.
-template <int N, typename Op>
-__device__ __forceinline__ float tree_reduce(float (&x)[N], Op op) {
-    static_assert((N & (N - 1)) == 0, "power of two");
-#pragma unroll
-    for (int w = N / 2; w >= 1; w /= 2) {
-#pragma unroll
-        for (int i = 0; i < w; ++i) x[i] = op(x[i], x[i + w]);
-    }
-    return x[0];
-}
-
-// Copy a (kRows x kHeadDim) tile, rows [0, rows_valid) and columns
-// [0, head_dim) of it real, into shared memory; the rest zero-filled.
-// Where a pass of the block covers whole rows, each thread keeps one column
-// and steps down the rows, so its addresses are one base plus a constant:
-// the swizzle of row row0 + pass·R is row0's when R is a multiple of 8, and
-// alternates between two when R = 4 ((row0 + 4) % 8 = row0 % 8 ^ 4).
-template <typename Tile, int kRows, typename T>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride,
-                                                int rows_valid, int head_dim) {
-    constexpr int kChunksPerRow = Tile::kHeadDim / kChunk;
-    if constexpr (Tile::kThreads % kChunksPerRow == 0) {
-        constexpr int kRowsPerPass = Tile::kThreads / kChunksPerRow;
-        constexpr int kPassBytes = kRowsPerPass * Tile::kRowStride * 2;
-        constexpr bool kAlternates = Tile::kSwizzled && kRowsPerPass % 8 != 0;
-        static_assert(!kAlternates || kRowsPerPass == 4, "rows per pass: 4 or a multiple of 8");
-        const int row0 = threadIdx.x / kChunksPerRow;
-        const int col = (threadIdx.x % kChunksPerRow) * kChunk;
-        const T* src = gmem + row0 * row_stride + col;
-        const uint32_t dst_even = smem_addr(smem + smem_offset<Tile>(row0, col));
-        const uint32_t dst_odd = smem_addr(smem + smem_offset<Tile>(row0 + kRowsPerPass, col)) - kPassBytes;
-#pragma unroll
-        for (int pass = 0; pass < ceil_div(kRows, kRowsPerPass); ++pass) {
-            const int row = row0 + pass * kRowsPerPass;
-            if (kRows % kRowsPerPass != 0 && row >= kRows) break;
-            const bool valid = row < rows_valid && col < head_dim;
-            const uint32_t dst = (kAlternates && pass % 2 == 1 ? dst_odd : dst_even) + pass * kPassBytes;
-            cp_async_16(dst, valid ? src : gmem, valid);
-            src += kRowsPerPass * row_stride;
-        }
-    } else {
-        constexpr int kChunks = kRows * kChunksPerRow;
-#pragma unroll
-        for (int pass = 0; pass < ceil_div(kChunks, Tile::kThreads); ++pass) {
-            const int i = pass * Tile::kThreads + threadIdx.x;
-            if (kChunks % Tile::kThreads != 0 && i >= kChunks) break;
-            const int row = i / kChunksPerRow;
-            const int col = (i % kChunksPerRow) * kChunk;
-            const bool valid = row < rows_valid && col < head_dim;
-            cp_async_16(smem_addr(smem + smem_offset<Tile>(row, col)), valid ? gmem + row * row_stride + col : gmem,
-                        valid);
-        }
-    }
-}
-
-// One lane's ldmatrix addresses into a shared tile, as 32-bit shared-memory
-// addresses. In every ldmatrix.x4 of the kernel a lane reads row lane_row + r
-// and chunk c / 8 + b of a tile, where r (a multiple of 8) and c (a multiple
-// of 16 elements, so c / 8 is even) are constants of the unrolled loops,
-// lane_row % 8 = lane % 8, and b is 0 or 1. Swizzled, that chunk is stored at
-// chunk (c / 8) ^ x with x = b ^ lane % 8 < 8; rows start on 128-byte
-// boundaries, so the address is (row | x << 4) ^ ((c / 8) % 8 << 4) plus a
-// constant: one XOR per load, with a compile-time operand.
-template <typename Tile>
-struct LdmatrixLane {
-    static constexpr int kRowBytes = Tile::kRowStride * 2;
-    uint32_t base;  // shared address of row lane_row; swizzled: x in bits 4-6, padded: + 16·b
-
-    __device__ LdmatrixLane(const void* tile, int lane_row, int b)
-        : base(smem_addr(tile) + lane_row * kRowBytes +
-               (Tile::kSwizzled ? (b ^ (lane_row & 7)) << 4 : b * 16)) {}
-
-    __device__ __forceinline__ uint32_t at(int r, int c) const {
-        const int chunk = c / kChunk;
-        if constexpr (Tile::kSwizzled) return (base ^ ((chunk & 7) << 4)) + r * kRowBytes + ((chunk & ~7) << 4);
-        return base + r * kRowBytes + chunk * 16;
-    }
-};
 
 template <typename T, typename Tile, bool kCausal>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
@@ -529,9 +400,6 @@ constexpr int kLongestFirstMinBlocks = 16;
 constexpr int kLongestFirstMinHeads = 32;
 constexpr double kLongestFirstGroupBytes = 32.0 * 1024 * 1024;
 
-inline void check_cuda(cudaError_t err, const char* what) {
-    if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
 
 template <typename Tag, typename Tile, bool kCausal>
 void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
