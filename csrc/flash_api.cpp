@@ -59,23 +59,23 @@ void check_operand(const at::Tensor& x, const char* name, const at::Tensor& q) {
                       " must start on a 16-byte boundary");
 }
 
-template <int kHeadDim>
-void run_head_dim(const flash::FwdParams& p, bool bf16, bool causal, cudaStream_t stream) {
+// Runs launch.run<Tag, kHeadDim, kCausal>() for the runtime dtype, compiled head dim and mask.
+template <int kHeadDim, typename Launch>
+void run_typed(const Launch& launch, bool bf16, bool causal) {
     if (bf16) {
-        causal ? flash::run_fwd_sm80<flash::Bf16, kHeadDim, true>(p, stream)
-               : flash::run_fwd_sm80<flash::Bf16, kHeadDim, false>(p, stream);
+        causal ? launch.template run<flash::Bf16, kHeadDim, true>() : launch.template run<flash::Bf16, kHeadDim, false>();
     } else {
-        causal ? flash::run_fwd_sm80<flash::Fp16, kHeadDim, true>(p, stream)
-               : flash::run_fwd_sm80<flash::Fp16, kHeadDim, false>(p, stream);
+        causal ? launch.template run<flash::Fp16, kHeadDim, true>() : launch.template run<flash::Fp16, kHeadDim, false>();
     }
 }
 
-#define FLASH_HEAD_DIM_CASE(D)                                                   \
-    case D:                                                                      \
-        if constexpr (is_built(D)) return run_head_dim<D>(p, bf16, causal, stream); \
+#define FLASH_HEAD_DIM_CASE(D)                                           \
+    case D:                                                              \
+        if constexpr (is_built(D)) return run_typed<D>(launch, bf16, causal); \
         break;
 
-void run_fwd(const flash::FwdParams& p, int head_dim, bool bf16, bool causal, cudaStream_t stream) {
+template <typename Launch>
+void dispatch(const Launch& launch, int head_dim, bool bf16, bool causal) {
     switch (head_dim) {
         FLASH_HEAD_DIM_CASE(32)
         FLASH_HEAD_DIM_CASE(64)
@@ -86,7 +86,34 @@ void run_fwd(const flash::FwdParams& p, int head_dim, bool bf16, bool causal, cu
         FLASH_HEAD_DIM_CASE(224)
         FLASH_HEAD_DIM_CASE(256)
     }
-    TORCH_CHECK_VALUE(false, "flash_ext: no forward kernel built for head dim ", head_dim);
+    TORCH_CHECK_VALUE(false, "flash_ext: no kernel built for head dim ", head_dim);
+}
+
+struct FwdLaunch {
+    const flash::FwdParams& p;
+    cudaStream_t stream;
+    template <typename Tag, int kHeadDim, bool kCausal>
+    void run() const { flash::run_fwd_sm80<Tag, kHeadDim, kCausal>(p, stream); }
+};
+
+struct BwdLaunch {
+    const flash::BwdParams& p;
+    bool deterministic;
+    cudaStream_t stream;
+    template <typename Tag, int kHeadDim, bool kCausal>
+    void run() const { flash::run_bwd_sm80<Tag, kHeadDim, kCausal>(p, deterministic, stream); }
+};
+
+// Launch errors of the kernels' launchers become Python exceptions.
+template <typename Launch>
+void run_kernels(const Launch& launch, int head_dim, bool bf16, bool causal) {
+    try {
+        dispatch(launch, head_dim, bf16, causal);
+    } catch (const std::invalid_argument& err) {
+        TORCH_CHECK_VALUE(false, err.what());
+    } catch (const std::runtime_error& err) {
+        TORCH_CHECK(false, err.what());
+    }
 }
 
 void set_strides(int64_t& batch, int64_t& head, int64_t& row, const at::Tensor& x) {
@@ -145,14 +172,100 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     p.scale_log2 = scale_run * static_cast<float>(M_LOG2E);
 
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    try {
-        run_fwd(p, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal, stream);
-    } catch (const std::invalid_argument& err) {
-        TORCH_CHECK_VALUE(false, err.what());
-    } catch (const std::runtime_error& err) {
-        TORCH_CHECK(false, err.what());
-    }
+    run_kernels(FwdLaunch{p, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
     return {o, lse};
+}
+
+void check_row_stats(const at::Tensor& x, const char* name, const at::Tensor& q) {
+    TORCH_CHECK_VALUE(x.is_cuda() && x.device() == q.device(), "flash_ext: ", name, " must be on ", q.device());
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "flash_ext: ", name, " must be float32, got ", x.scalar_type());
+    TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) == q.size(0) && x.size(1) == q.size(1) && x.size(2) == q.size(2),
+                      "flash_ext: ", name, " must have shape (batch, heads_q, seqlen_q) = ",
+                      at::IntArrayRef{q.size(0), q.size(1), q.size(2)}, ", got ", x.sizes());
+    TORCH_CHECK_VALUE(x.is_contiguous(), "flash_ext: ", name, " must be contiguous");
+}
+
+// Gradients of attention: dq, dk, dv. lse is the forward's; dlse (optional)
+// the gradient of the loss with respect to it.
+std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
+                            bool causal, double scale, bool deterministic) {
+    check_operand(q, "q", q);
+    check_operand(k, "k", q);
+    check_operand(v, "v", q);
+    check_operand(o, "o", q);
+    check_operand(dout, "dout", q);
+    TORCH_CHECK_VALUE(o.sizes() == q.sizes() && dout.sizes() == q.sizes(), "flash_ext: o and dout must have q's shape ",
+                      q.sizes(), ", got ", o.sizes(), " and ", dout.sizes());
+    TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "flash_ext: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), "flash_ext: k has batch ", k.size(0), " but q has ", q.size(0));
+    TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "flash_ext: q heads (", q.size(1),
+                      ") must be a multiple of k/v heads (", k.size(1), ")");
+    TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535, "flash_ext: batch and heads must be at most 65535");
+    check_row_stats(lse, "lse", q);
+    if (dlse.has_value()) check_row_stats(*dlse, "dlse", q);
+    const int64_t head_dim = q.size(3);
+    TORCH_CHECK_VALUE(head_dim % kAlignElems == 0, "flash_ext: head_dim must be a multiple of 8, got ", head_dim);
+    const int kernel_head_dim = compiled_head_dim(static_cast<int>(head_dim));
+    TORCH_CHECK_VALUE(kernel_head_dim > 0, "flash_ext: head_dim ", head_dim, " is larger than the largest built (",
+                      kBuiltHeadDims[sizeof(kBuiltHeadDims) / sizeof(int) - 1], ")");
+
+    c10::cuda::CUDAGuard guard(q.device());
+    // As in the forward: a negative scale runs as |scale| on -q, so dq changes sign.
+    const at::Tensor q_run = scale < 0 ? q.neg().contiguous() : q;
+    const float scale_run = std::max(static_cast<float>(std::fabs(scale)), std::numeric_limits<float>::min());
+    at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+    if (g_poison_outputs) {
+        for (at::Tensor* x : {&dq, &dk, &dv}) x->fill_(std::numeric_limits<float>::quiet_NaN());
+    }
+    if (q.numel() == 0 || k.numel() == 0) {  // no query, or no key: every gradient is zero
+        dq.zero_();
+        dk.zero_();
+        dv.zero_();
+        return {dq, dk, dv};
+    }
+    const int64_t padded = (q.size(2) + flash::kBwdRowPad - 1) / flash::kBwdRowPad * flash::kBwdRowPad;
+    const auto f32 = q.options().dtype(at::kFloat);
+    at::Tensor lse_log2 = at::empty({q.size(0), q.size(1), padded}, f32);
+    at::Tensor delta = at::empty({q.size(0), q.size(1), padded}, f32);
+    at::Tensor dq_accum = deterministic ? at::Tensor() : at::empty({q.size(0), q.size(1), q.size(2), head_dim}, f32);
+
+    flash::BwdParams p{};
+    p.q = q_run.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.o = o.data_ptr();
+    p.dout = dout.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    p.dlse = dlse.has_value() ? dlse->data_ptr<float>() : nullptr;
+    p.dq = dq.data_ptr();
+    p.dk = dk.data_ptr();
+    p.dv = dv.data_ptr();
+    p.lse_log2 = lse_log2.data_ptr<float>();
+    p.delta = delta.data_ptr<float>();
+    p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
+    set_strides(p.q_batch_stride, p.q_head_stride, p.q_row_stride, q_run);
+    set_strides(p.k_batch_stride, p.k_head_stride, p.k_row_stride, k);
+    set_strides(p.v_batch_stride, p.v_head_stride, p.v_row_stride, v);
+    set_strides(p.o_batch_stride, p.o_head_stride, p.o_row_stride, o);
+    set_strides(p.do_batch_stride, p.do_head_stride, p.do_row_stride, dout);
+    set_strides(p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, dq);
+    set_strides(p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride, dk);
+    set_strides(p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride, dv);
+    p.batch = static_cast<int>(q.size(0));
+    p.heads_q = static_cast<int>(q.size(1));
+    p.heads_kv = static_cast<int>(k.size(1));
+    p.seqlen_q = static_cast<int>(q.size(2));
+    p.seqlen_k = static_cast<int>(k.size(2));
+    p.seqlen_q_padded = static_cast<int>(padded);
+    p.head_dim = static_cast<int>(head_dim);
+    p.scale = scale_run;
+    p.scale_log2 = scale_run * static_cast<float>(M_LOG2E);
+    p.dq_scale = scale < 0 ? -scale_run : scale_run;
+
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    run_kernels(BwdLaunch{p, deterministic, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
+    return {dq, dk, dv};
 }
 
 std::vector<int> built_head_dims() {
@@ -165,6 +278,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "flash_ext CUDA kernels";
     m.def("fwd", &fwd, "Attention forward: returns [O, LSE]", py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("causal"), py::arg("scale"));
+    m.def("bwd", &bwd, "Attention backward: returns [dQ, dK, dV]", py::arg("dout"), py::arg("q"), py::arg("k"),
+          py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("dlse"), py::arg("causal"), py::arg("scale"),
+          py::arg("deterministic"));
     m.def("built_head_dims", &built_head_dims, "Head dims the kernels were compiled for");
     m.def("set_poison_outputs", [](bool on) { g_poison_outputs = on; },
           "Testing: fill outputs with NaN before each kernel runs");

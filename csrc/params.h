@@ -45,8 +45,53 @@ struct FwdParams {
     int causal_head_group;
 };
 
+struct BwdParams {
+    // Inputs, (batch, heads, seqlen, head_dim) with unit stride in head_dim;
+    // strides in elements. q is the forward's (sign-adjusted, see FwdParams).
+    const void* q;
+    const void* k;
+    const void* v;
+    const void* o;
+    const void* dout;
+    const float* lse;   // (batch, heads_q, seqlen_q) from the forward, contiguous
+    const float* dlse;  // its gradient, same shape, or nullptr
+    // Outputs: dq like q, dk and dv like k and v (heads_kv heads).
+    void* dq;
+    void* dk;
+    void* dv;
+    // Workspace, float32, contiguous. Rows padded to seqlen_q_padded (a
+    // multiple of every query block) so the kernels copy whole blocks:
+    float* lse_log2;  // (batch, heads_q, seqlen_q_padded): LSE·log2(e); +inf for rows that see no key and padding
+    float* delta;     // (batch, heads_q, seqlen_q_padded): D = rowsum(dO ∘ O) - dLSE; 0 for padding
+    float* dq_accum;  // (batch, heads_q, seqlen_q, head_dim): dQ / scale, summed by atomics; nullptr if unused
+
+    int64_t q_batch_stride, q_head_stride, q_row_stride;
+    int64_t k_batch_stride, k_head_stride, k_row_stride;
+    int64_t v_batch_stride, v_head_stride, v_row_stride;
+    int64_t o_batch_stride, o_head_stride, o_row_stride;
+    int64_t do_batch_stride, do_head_stride, do_row_stride;
+    int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+    int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+    int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+
+    int batch, heads_q, heads_kv;
+    int seqlen_q, seqlen_k, seqlen_q_padded;
+    int head_dim;
+
+    float scale;       // > 0, as in FwdParams
+    float scale_log2;  // scale · log2(e)
+    float dq_scale;    // dQ = dq_scale · dS K: the scale, with the sign of the caller's (q's sign was flipped)
+};
+
+// The query block of every backward kernel divides this (see seqlen_q_padded).
+inline constexpr int kBwdRowPad = 128;
+
 // Defined once per (type, head dim, causal) in a generated .cu file.
 template <typename T, int kHeadDim, bool kCausal>
 void run_fwd_sm80(const FwdParams& params, cudaStream_t stream);
+
+// deterministic: dQ from its own pass over the key blocks instead of atomic adds.
+template <typename T, int kHeadDim, bool kCausal>
+void run_bwd_sm80(const BwdParams& params, bool deterministic, cudaStream_t stream);
 
 }  // namespace flash

@@ -100,4 +100,30 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// The two halves of a packed 32-bit register of T, as floats.
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t x);
+
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t x) {
+    return __half22float2(*reinterpret_cast<__half2*>(&x));
+}
+
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+}
+
+// addr[0] += x, addr[1] += y in global memory, atomically: red.global.add.f32
+// (section "red"), one 8-byte vector reduction (.v2.f32) from sm_90 on, through
+// CUDA's atomicAdd, whose unused result makes it a red. addr is 8-byte aligned.
+__device__ __forceinline__ void atomic_add2(float* addr, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(addr), make_float2(x, y));
+#else
+    atomicAdd(addr, x);
+    atomicAdd(addr + 1, y);
+#endif
+}
+
 }  // namespace flash

@@ -2,8 +2,7 @@
 
 The forward and backward are torch.library custom ops (flash_ext::fwd,
 flash_ext::bwd). CUDA tensors (fp16/bf16) run the compiled kernels; CPU
-tensors run the tiled reference in flash_ext.reference. The backward runs
-the reference on either device until its kernel exists.
+tensors run the tiled reference in flash_ext.reference.
 """
 
 import numbers
@@ -41,7 +40,7 @@ def _check_tensor(name, x):
             f"got strides {x.stride()}; call .contiguous() first")
 
 
-def check_inputs(q, k, v, causal, scale):
+def check_inputs(q, k, v, causal, scale, deterministic=False):
     """Raise a clear error naming the argument for every input flash_ext cannot take."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
@@ -67,6 +66,8 @@ def check_inputs(q, k, v, causal, scale):
         raise TypeError(f"flash_ext.attention: causal must be a bool, got {type(causal).__name__}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"flash_ext.attention: scale must be a float or None, got {type(scale).__name__}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"flash_ext.attention: deterministic must be a bool, got {type(deterministic).__name__}")
     if q.is_cuda:
         _check_cuda_inputs(q, k, v)
 
@@ -107,13 +108,15 @@ def implementation(device):
     kernels = torch.device(device).type == "cuda" and _C is not None
     return {
         "forward": "kernel" if kernels else "reference",
-        "backward": "reference",  # the backward kernel does not exist yet
+        "backward": "kernel" if kernels else "reference",
         "built_head_dims": _C.built_head_dims() if _C is not None else None,
     }
 
 
 @torch.library.custom_op("flash_ext::fwd", mutates_args=())
-def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+         deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    # deterministic only matters to the backward; the forward is deterministic.
     if q.is_cuda:
         o, lse = _C.fwd(q, k, v, causal, scale)
         return o, lse
@@ -122,29 +125,41 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale:
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k, v, causal, scale):
+def _fwd_fake(q, k, v, causal, scale, deterministic=False):
     b, hq, nq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, nq), dtype=reference.compute_dtype(q.dtype))
 
 
+def _kernel_ready(x):
+    """x as the kernels take it: unit stride in head_dim, 16-byte aligned rows and start."""
+    aligned = all(x.stride(i) % KERNEL_ALIGN == 0 or x.shape[i] == 1 for i in range(3))
+    if x.stride(-1) == 1 and aligned and x.data_ptr() % 16 == 0:
+        return x
+    return x.contiguous()
+
+
 @torch.library.custom_op("flash_ext::bwd", mutates_args=())
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-         lse: torch.Tensor, dlse: torch.Tensor, causal: bool, scale: float
+         lse: torch.Tensor, dlse: torch.Tensor, causal: bool, scale: float, deterministic: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.is_cuda:
+        # dO arrives in whatever layout autograd made (expanded, say); dlse as well.
+        dq, dk, dv = _C.bwd(_kernel_ready(do), q, k, v, o, lse, dlse.contiguous(), causal, scale, deterministic)
+        return dq, dk, dv
     dq, dk, dv = reference.attention_backward(do, q, k, v, o, lse, causal=causal, scale=scale, dlse=dlse)
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
 
 
 @_bwd.register_fake
-def _bwd_fake(do, q, k, v, o, lse, dlse, causal, scale):
+def _bwd_fake(do, q, k, v, o, lse, dlse, causal, scale, deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, deterministic = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
 
 
 def _backward(ctx, do, dlse):
@@ -153,14 +168,14 @@ def _backward(ctx, do, dlse):
         do = torch.zeros_like(o)
     if dlse is None:
         dlse = torch.zeros_like(lse)
-    dq, dk, dv = _bwd(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _bwd(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale, ctx.deterministic)
+    return dq, dk, dv, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False, deterministic=False):
     """Exact softmax attention, softmax(scale · Q Kᵀ) V, without an N×N buffer.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq a multiple of Hkv. Any
@@ -170,8 +185,12 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     scale: defaults to 1/sqrt(D).
     return_lse: also return the log-sum-exp of each row's scaled scores,
         (B, Hq, Nq), natural log, float32 (float64 for float64 inputs).
+    deterministic: bitwise-identical gradients run after run (dQ from its own
+        pass instead of atomic adds); also on under
+        torch.use_deterministic_algorithms(True).
     """
-    check_inputs(q, k, v, causal, scale)
+    check_inputs(q, k, v, causal, scale, deterministic)
     scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
-    o, lse = _fwd(q, k, v, causal, scale)
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    o, lse = _fwd(q, k, v, causal, scale, deterministic)
     return (o, lse) if return_lse else o

@@ -1,5 +1,6 @@
-"""A few small forward calls for compute-sanitizer (tests/sanitize.sh): ragged
-tiles, causal with Nq != Nk, GQA, several head dims. Exits non-zero on a bad result."""
+"""A few small forward and backward calls for compute-sanitizer (tests/sanitize.sh):
+ragged tiles, causal with Nq != Nk, GQA, several head dims, the backward with
+atomic and deterministic dQ. Exits non-zero on a bad result."""
 
 import sys
 
@@ -23,11 +24,18 @@ def main():
         q = torch.randn(b, hq, nq, d, device="cuda").to(dtype)
         k = torch.randn(b, hkv, nk, d, device="cuda").to(dtype)
         v = torch.randn(b, hkv, nk, d, device="cuda").to(dtype)
+        do = torch.randn(b, hq, nq, d, device="cuda").to(dtype)
         o = flash_ext.attention(q, k, v, causal=causal)
-        ref, _ = reference.attention_forward(q.float(), k.float(), v.float(), causal=causal)
+        ref, lse = reference.attention_forward(q.float(), k.float(), v.float(), causal=causal)
         worst = max(worst, (o.float() - ref).abs().max().item())
+        want = reference.attention_backward(do.float(), q.float(), k.float(), v.float(), ref, lse, causal=causal)
+        for deterministic in (False, True):
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = flash_ext.attention(*leaves, causal=causal, deterministic=deterministic)
+            for g, w in zip(torch.autograd.grad(out, leaves, do), want):
+                worst = max(worst, (g.float() - w).abs().max().item() / max(1.0, w.abs().max().item()))
     torch.cuda.synchronize()
-    print(f"sanitize cases: {len(CASES)} run, worst max abs error {worst:.2e}")
+    print(f"sanitize cases: {len(CASES)} run forward and backward, worst max error {worst:.2e}")
     return 0 if worst < 5e-2 else 1
 
 

@@ -1,0 +1,644 @@
+// FlashAttention-2 backward for sm_80 and later: mma.sync tensor cores,
+// Q/dO blocks staged in shared memory by cp.async while the previous block
+// computes. With O, the forward's row log-sum-exps L and dO:
+//   D = rowsum(dO ∘ O) − dL                               (bwd_preprocess_kernel)
+//   P = exp(scale·Q Kᵀ − L),  dP = dO Vᵀ,  dS = P ∘ (dP − D)
+//   dV = Pᵀ dO,  dK = scale · dSᵀ Q,  dQ = scale · dS K
+//
+// bwd_kv_kernel_sm80: a block owns kBlockN keys of one (batch, kv head) and
+// walks the query blocks that see them, for every query head of the group
+// (GQA), dK and dV accumulating in registers. Each warp owns 16 keys and
+// computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for them, so Pᵀ and dSᵀ leave the mma
+// accumulators ready to be A operands of dV += Pᵀ dO and dK += dSᵀ Q.
+// dQ is either summed there in float32 by atomic adds (dS goes through shared
+// memory, where each warp takes 16 query rows of it), or, deterministic,
+// computed by bwd_dq_kernel_sm80, which owns a query block and walks the key
+// blocks (recomputing S and dP), like the forward.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "tile_sm80.cuh"
+
+namespace flash {
+
+// The tiles of the dK/dV kernel. kBlockN = 16·kWarps keys (16 per warp) meet
+// kBlockM queries at a time. Above head dim 128 the dK and dV accumulators
+// (head_dim / 2 registers each per thread) do not fit: the grid then splits
+// the head dim of dK, dV (and dQ) into kDSplit parts, each block recomputing
+// S and dP in full.
+template <int kHeadDim_, int kBlockM_, int kWarps_, int kDSplit_, int kMinBlocks_>
+struct BwdKVTileSm80 {
+    static constexpr int kHeadDim = kHeadDim_;
+    static constexpr int kBlockM = kBlockM_;
+    static constexpr int kWarps = kWarps_;
+    static constexpr int kThreads = kWarps * kWarpSize;
+    static constexpr int kBlockN = kWarps * kMmaM;
+    static constexpr int kDSplit = kDSplit_;
+    static constexpr int kDOut = kHeadDim / kDSplit;  // columns of dK, dV, dQ one block computes
+    static constexpr int kMinBlocks = kMinBlocks_;
+    static constexpr bool kSwizzled = true;
+    static constexpr int kRowStride = (kHeadDim + 63) / 64 * 64;
+    // dSᵀ in shared memory, kBlockN rows (keys) of kBlockM queries, for dQ.
+    struct DsLayout {
+        static constexpr bool kSwizzled = true;
+        static constexpr int kRowStride = (kBlockM + 63) / 64 * 64;
+    };
+    static constexpr int kQElems = kBlockM * kRowStride;    // Q or dO, one stage
+    static constexpr int kKVElems = kBlockN * kRowStride;   // K or V
+    static constexpr int kDsElems = kBlockN * DsLayout::kRowStride;
+    static constexpr int kSmemBytes = (2 * kKVElems + 4 * kQElems + kDsElems) * 2 + 4 * kBlockM * 4;
+
+    static_assert(kHeadDim % kMmaK == 0 && kDOut % kMmaK == 0, "head dim");
+    static_assert(kBlockM % kMmaK == 0 && kBlockM % kWarps == 0 && kBwdRowPad % kBlockM == 0, "query block");
+    static_assert(kBlockM == kMmaM * kWarps, "dQ: each warp takes 16 query rows of dS");
+    static_assert(2 * kBlockM / 4 <= kThreads, "one 16-byte chunk of L or D per thread");
+    static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+// The tiles of the deterministic dQ kernel: a warp owns 16 query rows, the
+// block walks kBlockN keys at a time, K and V double-buffered.
+template <int kHeadDim_, int kWarps_, int kBlockN_, int kMinBlocks_>
+struct BwdDqTileSm80 {
+    static constexpr int kHeadDim = kHeadDim_;
+    static constexpr int kWarps = kWarps_;
+    static constexpr int kThreads = kWarps * kWarpSize;
+    static constexpr int kBlockM = kWarps * kMmaM;
+    static constexpr int kBlockN = kBlockN_;
+    static constexpr int kMinBlocks = kMinBlocks_;
+    static constexpr bool kSwizzled = true;
+    static constexpr int kRowStride = (kHeadDim + 63) / 64 * 64;
+    static constexpr int kQElems = kBlockM * kRowStride;
+    static constexpr int kKVElems = kBlockN * kRowStride;
+    static constexpr int kSmemBytes = (2 * kQElems + 4 * kKVElems) * 2;
+
+    static_assert(kBlockN % kMmaK == 0 && kBwdRowPad % kBlockM == 0, "tile");
+    static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+// The backward's tile sizes per head dim: the one place they are chosen.
+template <int kHeadDim>
+struct BwdConfigSm80 {
+    using KVTile = std::conditional_t<(kHeadDim <= 128), BwdKVTileSm80<kHeadDim, 64, 4, 1, 2>,
+                                      BwdKVTileSm80<kHeadDim, 64, 4, 2, 1>>;
+    using DqTile = std::conditional_t<(kHeadDim <= 128), BwdDqTileSm80<kHeadDim, 4, 64, 2>,
+                                      BwdDqTileSm80<kHeadDim, 4, 32, 1>>;
+};
+
+// A warp per query row (padding rows included):
+//   D = rowsum(dO ∘ O) − dL;  L2 = L·log2(e), +inf where L = −inf (a row that
+//   sees no key) and for padding, so P = exp2(c·S − L2) is 0 there;
+// and the row of the dQ accumulator zeroed.
+constexpr int kPreprocessRows = 8;  // rows per block of bwd_preprocess_kernel, a warp each
+
+template <typename T>
+__global__ void bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
+    constexpr int kRowsPerBlock = kPreprocessRows;
+    const int lane = threadIdx.x % kWarpSize;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
+    const int64_t bh = row / p.seqlen_q_padded;  // batch · heads_q + head
+    const int i = static_cast<int>(row % p.seqlen_q_padded);
+    if (bh >= static_cast<int64_t>(p.batch) * p.heads_q) return;
+    const int batch = static_cast<int>(bh / p.heads_q), head = static_cast<int>(bh % p.heads_q);
+    const bool real = i < p.seqlen_q;
+
+    float dot = 0.f;
+    if (real) {
+        const T* o = static_cast<const T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride + i * p.o_row_stride;
+        const T* dout = static_cast<const T*>(p.dout) + batch * p.do_batch_stride + head * p.do_head_stride
+                        + i * p.do_row_stride;
+        for (int c = lane * kChunk; c < p.head_dim; c += kWarpSize * kChunk) {
+            const uint4 o8 = *reinterpret_cast<const uint4*>(o + c);
+            const uint4 do8 = *reinterpret_cast<const uint4*>(dout + c);
+            const uint32_t* o2 = reinterpret_cast<const uint32_t*>(&o8);
+            const uint32_t* do2 = reinterpret_cast<const uint32_t*>(&do8);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float2 a = unpack2<T>(o2[j]), b = unpack2<T>(do2[j]);
+                dot = fmaf(a.x, b.x, fmaf(a.y, b.y, dot));
+            }
+        }
+#pragma unroll
+        for (int w = kWarpSize / 2; w >= 1; w /= 2) dot += __shfl_xor_sync(0xffffffff, dot, w);
+        if (p.dq_accum != nullptr) {
+            float* acc = p.dq_accum + (bh * p.seqlen_q + i) * p.head_dim;
+            for (int c = lane * 4; c < p.head_dim; c += kWarpSize * 4) *reinterpret_cast<float4*>(acc + c) = float4{};
+        }
+    }
+    if (lane == 0) {
+        const int64_t at = bh * p.seqlen_q_padded + i;
+        const float lse = real ? p.lse[bh * p.seqlen_q + i] : -INFINITY;
+        p.delta[at] = real ? dot - (p.dlse != nullptr ? p.dlse[bh * p.seqlen_q + i] : 0.f) : 0.f;
+        p.lse_log2[at] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+    }
+}
+
+// dQ = dq_scale · dQ accumulator, in the input type, 8 elements per thread.
+template <typename T>
+__global__ void bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
+    const int chunks_per_row = p.head_dim / kChunk;
+    const int64_t chunk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t row = chunk / chunks_per_row;  // (batch · heads_q + head) · seqlen_q + i
+    if (row >= static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q) return;
+    const int c = static_cast<int>(chunk % chunks_per_row) * kChunk;
+    const int i = static_cast<int>(row % p.seqlen_q);
+    const int head = static_cast<int>(row / p.seqlen_q % p.heads_q);
+    const int batch = static_cast<int>(row / p.seqlen_q / p.heads_q);
+    const float4* acc = reinterpret_cast<const float4*>(p.dq_accum + row * p.head_dim + c);
+    const float4 lo = acc[0], hi = acc[1];
+    uint4 out;
+    out.x = pack2<T>(lo.x * p.dq_scale, lo.y * p.dq_scale);
+    out.y = pack2<T>(lo.z * p.dq_scale, lo.w * p.dq_scale);
+    out.z = pack2<T>(hi.x * p.dq_scale, hi.y * p.dq_scale);
+    out.w = pack2<T>(hi.z * p.dq_scale, hi.w * p.dq_scale);
+    T* dq = static_cast<T*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride + i * p.dq_row_stride + c;
+    *reinterpret_cast<uint4*>(dq) = out;
+}
+
+// C (16 x 8·kNTiles per warp, mma accumulators) += A B over kKSteps k-steps of
+// 16, where A's fragments come from a(ks, frag) and B's from shared memory via
+// one ldmatrix.x4 (trans or not) per pair of 8-column tiles at b_lane.at(row, col)
+// with (row, col) = b_at(ks, j) for the pair j. Loads of a group go before
+// its mmas (see load_group).
+template <typename T, int kKSteps, int kNTiles, bool kTrans, typename Tile, typename AFrag, typename BAt>
+__device__ __forceinline__ void warp_mma(float (&c)[kNTiles][4], AFrag a_frag, const LdmatrixLane<Tile>& b_lane,
+                                         uint32_t b_offset, BAt b_at) {
+    constexpr int kPairs = kNTiles / 2;
+    constexpr int kGroup = load_group(kPairs, 1);
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+        uint32_t a[4];
+        a_frag(ks, a);
+#pragma unroll
+        for (int j0 = 0; j0 < kPairs; j0 += kGroup) {
+            uint32_t b[kGroup][4];
+#pragma unroll
+            for (int j = 0; j < kGroup; ++j) {
+                const auto [row, col] = b_at(ks, j0 + j);
+                if constexpr (kTrans) {
+                    ldmatrix_x4_trans(b[j], b_offset + b_lane.at(row, col));
+                } else {
+                    ldmatrix_x4(b[j], b_offset + b_lane.at(row, col));
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < kGroup; ++j) {
+                mma_16816<T>(c[2 * (j0 + j)], a, b[j][0], b[j][1]);
+                mma_16816<T>(c[2 * (j0 + j) + 1], a, b[j][2], b[j][3]);
+            }
+        }
+    }
+}
+
+// The A fragment of k-step ks taken from mma accumulators x (16 x 8·n per
+// warp): the 16 columns 16·ks.. in the input type (the forward's P V trick).
+template <typename T, int kN>
+__device__ __forceinline__ void acc_to_a(const float (&x)[kN][4], int ks, uint32_t (&a)[4]) {
+    a[0] = pack2<T>(x[2 * ks][0], x[2 * ks][1]);
+    a[1] = pack2<T>(x[2 * ks][2], x[2 * ks][3]);
+    a[2] = pack2<T>(x[2 * ks + 1][0], x[2 * ks + 1][1]);
+    a[3] = pack2<T>(x[2 * ks + 1][2], x[2 * ks + 1][3]);
+}
+
+struct RowCol {
+    int row, col;
+};
+
+template <typename T, typename Tile, bool kCausal, bool kAtomicDq>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
+bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
+    constexpr int kBlockM = Tile::kBlockM;
+    constexpr int kBlockN = Tile::kBlockN;
+    constexpr int kDOut = Tile::kDOut;
+    constexpr int kSTiles = kBlockM / kMmaN;     // 8-wide column (query) tiles of Sᵀ, dPᵀ
+    constexpr int kDSteps = Tile::kHeadDim / kMmaK;  // k-steps of Sᵀ = K Qᵀ and dPᵀ = V dOᵀ
+    constexpr int kMSteps = kBlockM / kMmaK;     // k-steps of dV += Pᵀ dO and dK += dSᵀ Q
+    constexpr int kNSteps = kBlockN / kMmaK;     // k-steps of dQ += dS K
+    constexpr int kOutTiles = kDOut / kMmaN;     // 8-wide column tiles of dK, dV, dQ
+    using DsLayout = typename Tile::DsLayout;
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* k_smem = reinterpret_cast<T*>(smem_raw);      // [kBlockN][kRowStride]
+    T* v_smem = k_smem + Tile::kKVElems;              // [kBlockN][kRowStride]
+    T* q_smem = v_smem + Tile::kKVElems;              // [2][kBlockM][kRowStride]
+    T* do_smem = q_smem + 2 * Tile::kQElems;          // [2][kBlockM][kRowStride]
+    T* ds_smem = do_smem + 2 * Tile::kQElems;         // [kBlockN][DsLayout::kRowStride]: dSᵀ
+    float* lse_smem = reinterpret_cast<float*>(ds_smem + Tile::kDsElems);  // [2][kBlockM]: L·log2(e)
+    float* delta_smem = lse_smem + 2 * kBlockM;                             // [2][kBlockM]: D
+
+    const int n_block = blockIdx.x / Tile::kDSplit;
+    const int d0 = blockIdx.x % Tile::kDSplit * kDOut;  // this block's columns of dK, dV, dQ
+    const int head_kv = blockIdx.y, batch = blockIdx.z;
+    const int group = p.heads_q / p.heads_kv;
+    const int warp = threadIdx.x / kWarpSize;
+    const int lane = threadIdx.x % kWarpSize;
+    const int n0 = n_block * kBlockN;
+    const int warp_n0 = n0 + warp * kMmaM;       // the warp's first key
+
+    // Query i sees key j <= i + diag (causal, bottom-right aligned): the query
+    // blocks before m_first see none of this block's keys; from m_unmasked on
+    // they see all of them.
+    const int diag = p.seqlen_k - p.seqlen_q;
+    const int m_blocks = ceil_div(p.seqlen_q, kBlockM);
+    const int m_first = kCausal ? min(m_blocks, max(0, n0 - diag) / kBlockM) : 0;
+    const int m_unmasked = kCausal ? max(m_first, ceil_div(max(0, n0 + kBlockN - 1 - diag), kBlockM)) : 0;
+    const bool key_tail = n0 + kBlockN > p.seqlen_k;  // the ragged last key block: masked throughout
+    const int m_count = m_blocks - m_first;
+    const int steps = group * m_count;               // (query head, query block) pairs
+
+    const T* k_g = static_cast<const T*>(p.k) + batch * p.k_batch_stride + head_kv * p.k_head_stride;
+    const T* v_g = static_cast<const T*>(p.v) + batch * p.v_batch_stride + head_kv * p.v_head_stride;
+
+    // Step `it` is query block m_first + it % m_count of query head head_kv·group + it / m_count.
+    auto head_of = [&](int it) { return head_kv * group + it / m_count; };
+    auto m0_of = [&](int it) { return (m_first + it % m_count) * kBlockM; };
+    auto load_q_do = [&](int it, int stage) {
+        const int head = head_of(it), m0 = m0_of(it);
+        const T* q_g = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride
+                       + m0 * p.q_row_stride;
+        const T* do_g = static_cast<const T*>(p.dout) + batch * p.do_batch_stride + head * p.do_head_stride
+                        + m0 * p.do_row_stride;
+        load_tile_async<Tile, kBlockM>(q_smem + stage * Tile::kQElems, q_g, p.q_row_stride, p.seqlen_q - m0,
+                                       p.head_dim);
+        load_tile_async<Tile, kBlockM>(do_smem + stage * Tile::kQElems, do_g, p.do_row_stride, p.seqlen_q - m0,
+                                       p.head_dim);
+        // L2 and D of the block's rows: padded buffers, whole 16-byte chunks.
+        constexpr int kChunksPerVec = kBlockM / 4;
+        if (threadIdx.x < 2 * kChunksPerVec) {
+            const bool is_lse = threadIdx.x < kChunksPerVec;
+            const int c = (threadIdx.x % kChunksPerVec) * 4;
+            const int64_t at = (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q_padded + m0 + c;
+            float* dst = (is_lse ? lse_smem : delta_smem) + stage * kBlockM + c;
+            cp_async_16(smem_addr(dst), (is_lse ? p.lse_log2 : p.delta) + at, true);
+        }
+    };
+
+    if (steps > 0) {
+        load_tile_async<Tile, kBlockN>(k_smem, k_g + n0 * p.k_row_stride, p.k_row_stride, p.seqlen_k - n0, p.head_dim);
+        load_tile_async<Tile, kBlockN>(v_smem, v_g + n0 * p.v_row_stride, p.v_row_stride, p.seqlen_k - n0, p.head_dim);
+        load_q_do(0, 0);
+    }
+    cp_async_commit();
+
+    // ldmatrix lanes. A fragments (rows lane % 16, chunk bit lane / 16): the
+    // warp's K and V rows. B fragments, not transposed (rows (lane / 16)·8 +
+    // lane % 8, chunk bit (lane / 8) % 2): Q and dO as Qᵀ, dOᵀ. B transposed
+    // (as the A pattern): dO, Q for dV, dK and K for dQ. dS read as the A
+    // fragment of dS from dSᵀ: the non-transposed B pattern, transposed.
+    const LdmatrixLane<Tile> k_a(k_smem + warp * kMmaM * Tile::kRowStride, lane % 16, lane / 16);
+    const LdmatrixLane<Tile> v_a(v_smem + warp * kMmaM * Tile::kRowStride, lane % 16, lane / 16);
+    const LdmatrixLane<Tile> q_b(q_smem, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+    const LdmatrixLane<Tile> do_b(do_smem, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+    const LdmatrixLane<Tile> q_bt(q_smem, lane % 16, lane / 16);
+    const LdmatrixLane<Tile> do_bt(do_smem, lane % 16, lane / 16);
+    const LdmatrixLane<Tile> k_bt(k_smem, lane % 16, lane / 16);
+    const LdmatrixLane<DsLayout> ds_at(ds_smem, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+    constexpr uint32_t kQStageBytes = Tile::kQElems * 2;
+
+    // Per thread: keys g = lane / 4 and g + 8 (r = 0, 1) of the warp's 16;
+    // queries 2t, 2t + 1 (t = lane % 4) of each 8-wide column tile.
+    float dv_acc[kOutTiles][4] = {};  // dV, 16 keys x kDOut per warp
+    float dk_acc[kOutTiles][4] = {};  // dK / scale, the same
+    const int key_row0 = warp_n0 + lane / 4;
+    const int col_in_tile = (lane % 4) * 2;
+
+    auto step = [&](int it, auto masked) {
+        constexpr bool kMasked = decltype(masked)::value;
+        const int stage = it % 2;
+        const int m0 = m0_of(it);
+        cp_async_wait<0>();  // this step's Q, dO, L2, D (and K, V) have landed
+        __syncthreads();     // and every warp is done with the previous step
+        if (it + 1 < steps) load_q_do(it + 1, 1 - stage);
+        cp_async_commit();
+
+        const uint32_t q_off = stage * kQStageBytes;
+        const float* lse_s = lse_smem + stage * kBlockM;
+        const float* delta_s = delta_smem + stage * kBlockM;
+
+        // Sᵀ = K Qᵀ;  Pᵀ = exp2(c·Sᵀ − L2), masked to 0 where a key is not seen.
+        float s[kSTiles][4] = {};  // Sᵀ, then Pᵀ: 16 keys x kBlockM queries per warp
+        warp_mma<T, kDSteps, kSTiles, false>(
+            s, [&](int ks, uint32_t(&a)[4]) { ldmatrix_x4(a, k_a.at(0, ks * kMmaK)); }, q_b, q_off,
+            [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; });
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt) {
+            const float2 lse = *reinterpret_cast<const float2*>(lse_s + nt * kMmaN + col_in_tile);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    float& x = s[nt][2 * r + c];
+                    x = exp2_approx(fmaf(x, p.scale_log2, -(c == 0 ? lse.x : lse.y)));
+                    if constexpr (kMasked) {
+                        const int key = key_row0 + 8 * r;
+                        const int query = m0 + nt * kMmaN + col_in_tile + c;
+                        if (key >= p.seqlen_k || (kCausal && key > query + diag)) x = 0.f;
+                    }
+                }
+            }
+        }
+
+        // dPᵀ = V dOᵀ
+        float dp[kSTiles][4] = {};  // dPᵀ, then dSᵀ
+        warp_mma<T, kDSteps, kSTiles, false>(
+            dp, [&](int ks, uint32_t(&a)[4]) { ldmatrix_x4(a, v_a.at(0, ks * kMmaK)); }, do_b, q_off,
+            [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; });
+
+        // dV += Pᵀ dO
+        warp_mma<T, kMSteps, kOutTiles, true>(
+            dv_acc, [&](int ks, uint32_t(&a)[4]) { acc_to_a<T>(s, ks, a); }, do_bt, q_off,
+            [&](int ks, int j) { return RowCol{ks * kMmaK, d0 + j * 2 * kMmaN}; });
+
+        // dSᵀ = Pᵀ ∘ (dPᵀ − D)
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt) {
+            const float2 delta = *reinterpret_cast<const float2*>(delta_s + nt * kMmaN + col_in_tile);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dp[nt][i] = s[nt][i] * (dp[nt][i] - (i % 2 == 0 ? delta.x : delta.y));
+        }
+
+        // dK += dSᵀ Q (the scale is applied once, at the end)
+        warp_mma<T, kMSteps, kOutTiles, true>(
+            dk_acc, [&](int ks, uint32_t(&a)[4]) { acc_to_a<T>(dp, ks, a); }, q_bt, q_off,
+            [&](int ks, int j) { return RowCol{ks * kMmaK, d0 + j * 2 * kMmaN}; });
+
+        if constexpr (kAtomicDq) {
+            // dQ += dS K: dSᵀ to shared memory; then warp w takes query rows 16w..16w + 15.
+#pragma unroll
+            for (int nt = 0; nt < kSTiles; ++nt) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int row = warp * kMmaM + lane / 4 + 8 * r;
+                    *reinterpret_cast<uint32_t*>(ds_smem + smem_offset<DsLayout>(row, nt * kMmaN + col_in_tile)) =
+                        pack2<T>(dp[nt][2 * r], dp[nt][2 * r + 1]);
+                }
+            }
+            __syncthreads();
+            float dq[kOutTiles][4] = {};  // dQ / scale, 16 queries x kDOut per warp
+            warp_mma<T, kNSteps, kOutTiles, true>(
+                dq, [&](int ks, uint32_t(&a)[4]) { ldmatrix_x4_trans(a, ds_at.at(ks * kMmaK, warp * kMmaM)); },
+                k_bt, 0, [&](int ks, int j) { return RowCol{ks * kMmaK, d0 + j * 2 * kMmaN}; });
+            const int head = head_of(it);
+            float* acc = p.dq_accum + (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q * p.head_dim;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int query = m0 + warp * kMmaM + lane / 4 + 8 * r;
+                if (query >= p.seqlen_q) continue;
+#pragma unroll
+                for (int nt = 0; nt < kOutTiles; ++nt) {
+                    const int col = d0 + nt * kMmaN + col_in_tile;
+                    if (col < p.head_dim) atomic_add2(acc + static_cast<int64_t>(query) * p.head_dim + col,
+                                                      dq[nt][2 * r], dq[nt][2 * r + 1]);
+                }
+            }
+        }
+    };
+
+    for (int it = 0; it < steps; ++it) {
+        const int m_block = m_first + it % m_count;
+        if (key_tail || (kCausal && m_block < m_unmasked)) {
+            step(it, std::true_type{});
+        } else {
+            step(it, std::false_type{});
+        }
+    }
+    cp_async_wait<0>();
+
+    // dK = scale · dK, dV: each warp stages its 16 rows in its own rows of
+    // k_smem and v_smem, then writes them out in coalesced 16-byte chunks.
+    __syncthreads();  // every warp is done reading K and V
+    T* dk_stage = k_smem + warp * kMmaM * Tile::kRowStride;
+    T* dv_stage = v_smem + warp * kMmaM * Tile::kRowStride;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = lane / 4 + 8 * r;
+#pragma unroll
+        for (int nt = 0; nt < kOutTiles; ++nt) {
+            const int col = nt * kMmaN + col_in_tile;
+            *reinterpret_cast<uint32_t*>(dk_stage + smem_offset<Tile>(row, col)) =
+                pack2<T>(dk_acc[nt][2 * r] * p.scale, dk_acc[nt][2 * r + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(dv_stage + smem_offset<Tile>(row, col)) =
+                pack2<T>(dv_acc[nt][2 * r], dv_acc[nt][2 * r + 1]);
+        }
+    }
+    __syncwarp();
+    T* dk_g = static_cast<T*>(p.dk) + batch * p.dk_batch_stride + head_kv * p.dk_head_stride
+              + warp_n0 * p.dk_row_stride + d0;
+    T* dv_g = static_cast<T*>(p.dv) + batch * p.dv_batch_stride + head_kv * p.dv_head_stride
+              + warp_n0 * p.dv_row_stride + d0;
+    constexpr int kChunksPerRow = kDOut / kChunk;
+#pragma unroll
+    for (int i = lane; i < kMmaM * kChunksPerRow; i += kWarpSize) {
+        const int row = i / kChunksPerRow;
+        const int col = (i % kChunksPerRow) * kChunk;
+        if (warp_n0 + row < p.seqlen_k && d0 + col < p.head_dim) {
+            *reinterpret_cast<uint4*>(dk_g + row * p.dk_row_stride + col) =
+                *reinterpret_cast<const uint4*>(dk_stage + smem_offset<Tile>(row, col));
+            *reinterpret_cast<uint4*>(dv_g + row * p.dv_row_stride + col) =
+                *reinterpret_cast<const uint4*>(dv_stage + smem_offset<Tile>(row, col));
+        }
+    }
+}
+
+// Deterministic dQ: a block owns kBlockM query rows of one (batch, head), a
+// warp 16 of them, and walks the key blocks its rows see:
+//   S = Q Kᵀ;  P = exp2(c·S − L2);  dP = dO Vᵀ;  dS = P ∘ (dP − D);  dQ += dS K.
+template <typename T, typename Tile, bool kCausal>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
+bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
+    constexpr int kBlockM = Tile::kBlockM;
+    constexpr int kBlockN = Tile::kBlockN;
+    constexpr int kNTiles = kBlockN / kMmaN;          // 8-wide column (key) tiles of S
+    constexpr int kDSteps = Tile::kHeadDim / kMmaK;   // k-steps of S = Q Kᵀ and dP = dO Vᵀ
+    constexpr int kNSteps = kBlockN / kMmaK;          // k-steps of dQ += dS K
+    constexpr int kDTiles = Tile::kHeadDim / kMmaN;   // 8-wide column tiles of dQ
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* q_smem = reinterpret_cast<T*>(smem_raw);       // [kBlockM][kRowStride]
+    T* do_smem = q_smem + Tile::kQElems;               // [kBlockM][kRowStride]
+    T* k_smem = do_smem + Tile::kQElems;               // [2][kBlockN][kRowStride]
+    T* v_smem = k_smem + 2 * Tile::kKVElems;           // [2][kBlockN][kRowStride]
+
+    const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+    const int head_kv = head / (p.heads_q / p.heads_kv);
+    const int warp = threadIdx.x / kWarpSize;
+    const int lane = threadIdx.x % kWarpSize;
+    const int m0 = m_block * kBlockM;
+    const int warp_m0 = m0 + warp * kMmaM;
+
+    const T* q_g = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride + m0 * p.q_row_stride;
+    const T* do_g = static_cast<const T*>(p.dout) + batch * p.do_batch_stride + head * p.do_head_stride
+                    + m0 * p.do_row_stride;
+    const T* k_g = static_cast<const T*>(p.k) + batch * p.k_batch_stride + head_kv * p.k_head_stride;
+    const T* v_g = static_cast<const T*>(p.v) + batch * p.v_batch_stride + head_kv * p.v_head_stride;
+
+    const int diag = p.seqlen_k - p.seqlen_q;
+    const int n_end = kCausal ? max(0, min(p.seqlen_k, m0 + kBlockM + diag)) : p.seqlen_k;
+    const int n_tiles = ceil_div(n_end, kBlockN);
+    // Key blocks from n_masked_from on need the mask (the ragged tail; the
+    // causal diagonal: keys past the last one the block's first row sees).
+    int n_masked_from = n_tiles * kBlockN > p.seqlen_k ? n_tiles - 1 : n_tiles;
+    if (kCausal) n_masked_from = min(n_masked_from, max(0, (m0 + diag + 1) / kBlockN));
+
+    auto load_kv = [&](int tile, int stage) {
+        const int n0 = tile * kBlockN;
+        load_tile_async<Tile, kBlockN>(k_smem + stage * Tile::kKVElems, k_g + n0 * p.k_row_stride, p.k_row_stride,
+                                       p.seqlen_k - n0, p.head_dim);
+        load_tile_async<Tile, kBlockN>(v_smem + stage * Tile::kKVElems, v_g + n0 * p.v_row_stride, p.v_row_stride,
+                                       p.seqlen_k - n0, p.head_dim);
+    };
+    if (n_tiles > 0) {
+        load_tile_async<Tile, kBlockM>(q_smem, q_g, p.q_row_stride, p.seqlen_q - m0, p.head_dim);
+        load_tile_async<Tile, kBlockM>(do_smem, do_g, p.do_row_stride, p.seqlen_q - m0, p.head_dim);
+        load_kv(0, 0);
+    }
+    cp_async_commit();
+
+    const LdmatrixLane<Tile> q_a(q_smem + warp * kMmaM * Tile::kRowStride, lane % 16, lane / 16);
+    const LdmatrixLane<Tile> do_a(do_smem + warp * kMmaM * Tile::kRowStride, lane % 16, lane / 16);
+    const LdmatrixLane<Tile> k_b(k_smem, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+    const LdmatrixLane<Tile> v_b(v_smem, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+    const LdmatrixLane<Tile> k_bt(k_smem, lane % 16, lane / 16);
+    constexpr uint32_t kKVStageBytes = Tile::kKVElems * 2;
+
+    // Per thread: rows g = lane / 4 and g + 8 (r = 0, 1) of the warp's 16.
+    const int row0 = warp_m0 + lane / 4;
+    const int col_in_tile = (lane % 4) * 2;
+    float lse_log2[2], delta[2];
+    const int64_t bh_row = (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q_padded;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        lse_log2[r] = p.lse_log2[bh_row + row0 + 8 * r];
+        delta[r] = p.delta[bh_row + row0 + 8 * r];
+    }
+    float dq_acc[kDTiles][4] = {};  // dQ / scale, 16 queries x kHeadDim per warp
+
+    auto step = [&](int tile, auto masked) {
+        constexpr bool kMasked = decltype(masked)::value;
+        const int stage = tile % 2;
+        cp_async_wait<0>();  // this tile's K and V (and Q, dO) have landed
+        __syncthreads();     // and every warp is done with the previous tile
+        if (tile + 1 < n_tiles) load_kv(tile + 1, 1 - stage);
+        cp_async_commit();
+        const uint32_t kv_off = stage * kKVStageBytes;
+        const int n0 = tile * kBlockN;
+
+        // S = Q Kᵀ;  P = exp2(c·S − L2), masked to 0
+        float s[kNTiles][4] = {};  // S, then P: 16 queries x kBlockN keys per warp
+        warp_mma<T, kDSteps, kNTiles, false>(
+            s, [&](int ks, uint32_t(&a)[4]) { ldmatrix_x4(a, q_a.at(0, ks * kMmaK)); }, k_b, kv_off,
+            [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; });
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float& x = s[nt][i];
+                x = exp2_approx(fmaf(x, p.scale_log2, -lse_log2[i / 2]));
+                if constexpr (kMasked) {
+                    const int key = n0 + nt * kMmaN + col_in_tile + i % 2;
+                    const int query = row0 + 8 * (i / 2);
+                    if (key >= p.seqlen_k || (kCausal && key > query + diag)) x = 0.f;
+                }
+            }
+        }
+        // dP = dO Vᵀ;  dS = P ∘ (dP − D)
+        float dp[kNTiles][4] = {};
+        warp_mma<T, kDSteps, kNTiles, false>(
+            dp, [&](int ks, uint32_t(&a)[4]) { ldmatrix_x4(a, do_a.at(0, ks * kMmaK)); }, v_b, kv_off,
+            [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; });
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dp[nt][i] = s[nt][i] * (dp[nt][i] - delta[i / 2]);
+        }
+        // dQ += dS K
+        warp_mma<T, kNSteps, kDTiles, true>(
+            dq_acc, [&](int ks, uint32_t(&a)[4]) { acc_to_a<T>(dp, ks, a); }, k_bt, kv_off,
+            [](int ks, int j) { return RowCol{ks * kMmaK, j * 2 * kMmaN}; });
+    };
+
+    int tile = 0;
+    for (; tile < n_masked_from; ++tile) step(tile, std::false_type{});
+    for (; tile < n_tiles; ++tile) step(tile, std::true_type{});
+    cp_async_wait<0>();
+
+    // dQ = dq_scale · dQ, staged in the warp's own rows of q_smem (no other
+    // warp reads them), then written in coalesced 16-byte chunks.
+    T* dq_stage = q_smem + warp * kMmaM * Tile::kRowStride;
+    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+            *reinterpret_cast<uint32_t*>(dq_stage + smem_offset<Tile>(lane / 4 + 8 * r, dt * kMmaN + col_in_tile)) =
+                pack2<T>(dq_acc[dt][2 * r] * p.dq_scale, dq_acc[dt][2 * r + 1] * p.dq_scale);
+        }
+    }
+    __syncwarp();
+    T* dq_g = static_cast<T*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride + warp_m0 * p.dq_row_stride;
+    constexpr int kChunksPerRow = Tile::kHeadDim / kChunk;
+#pragma unroll
+    for (int i = lane; i < kMmaM * kChunksPerRow; i += kWarpSize) {
+        const int row = i / kChunksPerRow;
+        const int col = (i % kChunksPerRow) * kChunk;
+        if (warp_m0 + row < p.seqlen_q && col < p.head_dim) {
+            *reinterpret_cast<uint4*>(dq_g + row * p.dq_row_stride + col) =
+                *reinterpret_cast<const uint4*>(dq_stage + smem_offset<Tile>(row, col));
+        }
+    }
+}
+
+// Opt a kernel into Tile's shared memory, or say that this GPU has too little.
+template <typename Kernel>
+void set_smem(Kernel kernel, int bytes, const char* what) {
+    int device = 0, smem_optin = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute");
+    if (bytes > smem_optin) {
+        throw std::invalid_argument(std::string("flash_ext ") + what + " needs " + std::to_string(bytes) +
+                                    " bytes of shared memory per block; this GPU offers " +
+                                    std::to_string(smem_optin));
+    }
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+               "cudaFuncSetAttribute");
+}
+
+template <typename Tag, int kHeadDim, bool kCausal>
+void launch_bwd_sm80(const BwdParams& p, bool deterministic, cudaStream_t stream) {
+    using T = typename DeviceType<Tag>::type;
+    using KVTile = typename BwdConfigSm80<kHeadDim>::KVTile;
+    using DqTile = typename BwdConfigSm80<kHeadDim>::DqTile;
+    constexpr int kPreRows = kPreprocessRows;
+    const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q_padded;
+    bwd_preprocess_kernel<T><<<static_cast<unsigned>((rows + kPreRows - 1) / kPreRows), kPreRows * kWarpSize, 0,
+                               stream>>>(p);
+    check_cuda(cudaGetLastError(), "flash_ext backward preprocess launch");
+
+    const dim3 kv_grid(ceil_div(p.seqlen_k, KVTile::kBlockN) * KVTile::kDSplit, p.heads_kv, p.batch);
+    if (deterministic) {
+        auto kv_kernel = bwd_kv_kernel_sm80<T, KVTile, kCausal, false>;
+        set_smem(kv_kernel, KVTile::kSmemBytes, "backward");
+        kv_kernel<<<kv_grid, KVTile::kThreads, KVTile::kSmemBytes, stream>>>(p);
+        check_cuda(cudaGetLastError(), "flash_ext backward dK/dV launch");
+        auto dq_kernel = bwd_dq_kernel_sm80<T, DqTile, kCausal>;
+        set_smem(dq_kernel, DqTile::kSmemBytes, "backward (dQ)");
+        const dim3 dq_grid(ceil_div(p.seqlen_q, DqTile::kBlockM), p.heads_q, p.batch);
+        dq_kernel<<<dq_grid, DqTile::kThreads, DqTile::kSmemBytes, stream>>>(p);
+        check_cuda(cudaGetLastError(), "flash_ext backward dQ launch");
+    } else {
+        auto kv_kernel = bwd_kv_kernel_sm80<T, KVTile, kCausal, true>;
+        set_smem(kv_kernel, KVTile::kSmemBytes, "backward");
+        kv_kernel<<<kv_grid, KVTile::kThreads, KVTile::kSmemBytes, stream>>>(p);
+        check_cuda(cudaGetLastError(), "flash_ext backward dK/dV/dQ launch");
+        constexpr int kConvertThreads = 256;
+        const int64_t chunks = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q * (p.head_dim / kChunk);
+        bwd_convert_dq_kernel<T><<<static_cast<unsigned>((chunks + kConvertThreads - 1) / kConvertThreads),
+                                   kConvertThreads, 0, stream>>>(p);
+        check_cuda(cudaGetLastError(), "flash_ext backward dQ conversion launch");
+    }
+}
+
+}  // namespace flash
