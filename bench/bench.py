@@ -1,9 +1,9 @@
 """Side-by-side benchmark of flash_ext.attention against torch SDPA.
 
-    python bench/bench.py                      # full sweep, forward
-    python bench/bench.py --mode all --quick   # small subset, fwd / bwd / fwd+bwd
-    python bench/bench.py --memory --mode all  # peak memory, flash_ext vs SDPA math
-    python bench/bench.py --profile-one bf16,128,4096,1   # one flash_ext config, for ncu
+    python bench/bench.py                      # full sweep: forward, backward, forward+backward
+    python bench/bench.py --mode fwd --quick   # small subset, forward only
+    python bench/bench.py --memory             # peak memory, flash_ext vs SDPA math (fwd, fwd+bwd)
+    python bench/bench.py --profile-one bf16,128,4096,1 --mode bwd   # one config, for ncu
 
 Every configuration is timed for flash_ext and for each SDPA backend pinned in
 turn (flash, cuDNN, memory-efficient, math) plus SDPA's own choice, in one
@@ -56,6 +56,7 @@ SDPA_BACKENDS = {
     "sdpa_default": None,
 }
 GPU_IMPLS = ["flash_ext", *SDPA_BACKENDS]
+OPTIONAL_IMPLS = ["flash_ext_det"]  # only when --impls names them: flash_ext with deterministic=True
 CPU_IMPLS = ["flash_ext", "sdpa_math", "sdpa_default"]
 MEMORY_IMPLS = ["flash_ext", "sdpa_math"]
 MODES = ["fwd", "bwd", "fwd_bwd"]
@@ -169,8 +170,8 @@ def make_inputs(cfg, device, n_sets, seed=0):
 
 
 def attend(impl, flash_ext, q, k, v, causal):
-    if impl == "flash_ext":
-        return flash_ext.attention(q, k, v, causal=causal)
+    if impl in ("flash_ext", "flash_ext_det"):
+        return flash_ext.attention(q, k, v, causal=causal, deterministic=impl == "flash_ext_det")
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
@@ -666,12 +667,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark flash_ext.attention against torch SDPA backends.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--mode", choices=MODES + ["all"], default="fwd", help="what is timed")
+    p.add_argument("--mode", choices=MODES + ["all"], default="all", help="what is timed (default: fwd, bwd and fwd_bwd)")
     p.add_argument("--dtypes", type=lambda s: parse_list(s, parse_dtype), help="e.g. bf16,fp16 (default: bf16,fp16; CPU: fp32)")
     p.add_argument("--hdims", type=lambda s: parse_list(s, int), help="head dims, e.g. 64,128,256")
     p.add_argument("--seqlens", type=lambda s: parse_list(s, parse_seqlen), help="e.g. 512,1k,2k,4k,8k,16k")
     p.add_argument("--causal", choices=["0", "1", "both"], help="causal masking (default: both; memory sweep: 0)")
-    p.add_argument("--impls", type=lambda s: parse_list(s, str), help=f"subset of {','.join(GPU_IMPLS)}")
+    p.add_argument("--impls", type=lambda s: parse_list(s, str), help=f"subset of {','.join(GPU_IMPLS + OPTIONAL_IMPLS)}")
     p.add_argument("--tokens", type=int, help="batch·seqlen per call (default 16384; CPU: batch 1)")
     p.add_argument("--hidden", type=int, help="heads·head_dim (default 2048; CPU: 128)")
     p.add_argument("--quick", action="store_true", help="a small subset of the grid")
@@ -694,8 +695,8 @@ def parse_args(argv=None):
     choices = {"0": [False], "1": [True], "both": [False, True]}
     opts.causal_list = lambda default_both=True: choices[opts.causal or ("both" if default_both else "0")]
     opts.modes = MODES if opts.mode == "all" else [opts.mode]
-    if opts.impls and (bad := set(opts.impls) - set(GPU_IMPLS)):
-        p.error(f"unknown implementations {sorted(bad)}; choose from {GPU_IMPLS}")
+    if opts.impls and (bad := set(opts.impls) - set(GPU_IMPLS + OPTIONAL_IMPLS)):
+        p.error(f"unknown implementations {sorted(bad)}; choose from {GPU_IMPLS + OPTIONAL_IMPLS}")
     return opts
 
 
@@ -756,7 +757,8 @@ def main(argv=None):
         files = write_results({"meta": meta, "results": rows}, markdown, opts.out, stem)
         files.append(None if opts.no_plot else plot_memory(rows, opts.out / f"{stem}.png"))
     else:
-        impls = [i for i in (GPU_IMPLS if device.type == "cuda" else CPU_IMPLS) if not opts.impls or i in opts.impls]
+        available = (GPU_IMPLS if device.type == "cuda" else CPU_IMPLS) + OPTIONAL_IMPLS
+        impls = [i for i in available if (i in opts.impls if opts.impls else i not in OPTIONAL_IMPLS)]
         if "flash_ext" not in impls:
             impls.insert(0, "flash_ext")
         configs = grid(opts, device)

@@ -7,13 +7,14 @@
 //
 // bwd_kv_kernel_sm80: a block owns kBlockN keys of one (batch, kv head) and
 // walks the query blocks that see them, for every query head of the group
-// (GQA), dK and dV accumulating in registers. Each warp owns 16 keys and
-// computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for them, so Pᵀ and dSᵀ leave the mma
-// accumulators ready to be A operands of dV += Pᵀ dO and dK += dSᵀ Q.
-// dQ is either summed there in float32 by atomic adds (dS goes through shared
-// memory, where each warp takes 16 query rows of it), or, deterministic,
-// computed by bwd_dq_kernel_sm80, which owns a query block and walks the key
-// blocks (recomputing S and dP), like the forward.
+// (GQA), dK and dV accumulating in registers. The warps that share a group
+// of keys split the queries of Sᵀ = K Qᵀ and dPᵀ = V dOᵀ between them and the
+// columns of dK and dV: Pᵀ and dSᵀ go through shared memory, where they are
+// the A operands of dV += Pᵀ dO and dK += dSᵀ Q (rows: keys, as the warps
+// own them). dQ is either summed in float32 by atomic adds (dS read back as
+// query rows), or, deterministic, computed by bwd_dq_kernel_sm80, which owns
+// a query block and walks the key blocks (recomputing S and dP), like the
+// forward.
 #pragma once
 
 #include <algorithm>
@@ -24,36 +25,50 @@
 
 namespace flash {
 
-// The tiles of the dK/dV kernel. kBlockN = 16·kWarps keys (16 per warp) meet
-// kBlockM queries at a time. Above head dim 128 the dK and dV accumulators
-// (head_dim / 2 registers each per thread) do not fit: the grid then splits
-// the head dim of dK, dV (and dQ) into kDSplit parts, each block recomputing
-// S and dP in full.
-template <int kHeadDim_, int kBlockM_, int kWarps_, int kDSplit_, int kMinBlocks_>
+// The tiles of the dK/dV kernel. kBlockN keys, kKeyGroups groups of
+// kKeyTiles·16, meet kBlockM queries at a time. kSplit warps share each group
+// of keys: each computes Sᵀ and dPᵀ for the group's keys and kBlockM / kSplit
+// of the queries, and dK, dV for all queries and kHeadDim / kSplit of the
+// columns, exchanging Pᵀ and dSᵀ through shared memory. (kSplit = 1, with Pᵀ
+// and dSᵀ taken straight from the accumulators as in the forward's P V,
+// measured slower: bench/PERFORMANCE.md, b1-b3.) kKeyTiles = 2 lets each B
+// fragment of Q and dO feed two mma pairs (half the shared-memory reads per mma).
+template <int kHeadDim_, int kBlockM_, int kKeyGroups_, int kKeyTiles_, int kSplit_, int kDqMTiles_,
+          int kMinBlocks_>
 struct BwdKVTileSm80 {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockM = kBlockM_;
-    static constexpr int kWarps = kWarps_;
+    static constexpr int kKeyGroups = kKeyGroups_;
+    static constexpr int kKeyTiles = kKeyTiles_;
+    static constexpr int kSplit = kSplit_;
+    static constexpr int kWarps = kKeyGroups * kSplit;
     static constexpr int kThreads = kWarps * kWarpSize;
-    static constexpr int kBlockN = kWarps * kMmaM;
-    static constexpr int kDSplit = kDSplit_;
-    static constexpr int kDOut = kHeadDim / kDSplit;  // columns of dK, dV, dQ one block computes
+    static constexpr int kWarpKeys = kKeyTiles * kMmaM;  // rows of Sᵀ, dK, dV per warp
+    static constexpr int kBlockN = kKeyGroups * kWarpKeys;
+    static constexpr int kWarpQueries = kBlockM / kSplit;  // columns of Sᵀ, dPᵀ per warp
+    static constexpr int kWarpCols = kHeadDim / kSplit;    // columns of dK, dV per warp
     static constexpr int kMinBlocks = kMinBlocks_;
     static constexpr bool kSwizzled = true;
     static constexpr int kRowStride = (kHeadDim + 63) / 64 * 64;
-    // dSᵀ in shared memory, kBlockN rows (keys) of kBlockM queries, for dQ.
-    struct DsLayout {
+    // Pᵀ and dSᵀ in shared memory, kBlockN rows (keys) of kBlockM queries.
+    struct PLayout {
         static constexpr bool kSwizzled = true;
         static constexpr int kRowStride = (kBlockM + 63) / 64 * 64;
     };
     static constexpr int kQElems = kBlockM * kRowStride;    // Q or dO, one stage
     static constexpr int kKVElems = kBlockN * kRowStride;   // K or V
-    static constexpr int kDsElems = kBlockN * DsLayout::kRowStride;
-    static constexpr int kSmemBytes = (2 * kKVElems + 4 * kQElems + kDsElems) * 2 + 4 * kBlockM * 4;
+    static constexpr int kPElems = kBlockN * PLayout::kRowStride;
+    static constexpr int kSmemBytes = (2 * kKVElems + 4 * kQElems + 2 * kPElems) * 2 + 4 * kBlockM * 4;
 
-    static_assert(kHeadDim % kMmaK == 0 && kDOut % kMmaK == 0, "head dim");
-    static_assert(kBlockM % kMmaK == 0 && kBlockM % kWarps == 0 && kBwdRowPad % kBlockM == 0, "query block");
-    static_assert(kBlockM == kMmaM * kWarps, "dQ: each warp takes 16 query rows of dS");
+    static_assert(kSplit >= 2, "Pᵀ and dSᵀ are exchanged through shared memory");
+    static_assert(kHeadDim % kMmaK == 0 && kWarpCols % kMmaK == 0, "head dim");
+    static_assert(kBlockM % kMmaK == 0 && kWarpQueries % kMmaK == 0 && kBwdRowPad % kBlockM == 0, "query block");
+    // dQ += dS K: warp w takes the kDqMTiles·16 query rows w % kDqRowGroups of
+    // the block and the kDqCols columns w / kDqRowGroups.
+    static constexpr int kDqMTiles = kDqMTiles_;
+    static constexpr int kDqRowGroups = kBlockM / (kDqMTiles * kMmaM);
+    static constexpr int kDqCols = kHeadDim * kDqRowGroups / kWarps;
+    static_assert(kWarps % kDqRowGroups == 0 && kDqCols % kMmaK == 0, "dQ warp layout");
     static_assert(2 * kBlockM / 4 <= kThreads, "one 16-byte chunk of L or D per thread");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
@@ -81,8 +96,15 @@ struct BwdDqTileSm80 {
 // The backward's tile sizes per head dim: the one place they are chosen.
 template <int kHeadDim>
 struct BwdConfigSm80 {
-    using KVTile = std::conditional_t<(kHeadDim <= 128), BwdKVTileSm80<kHeadDim, 64, 4, 1, 2>,
-                                      BwdKVTileSm80<kHeadDim, 64, 4, 2, 1>>;
+    // <head dim, kBlockM, kKeyGroups, kKeyTiles, kSplit, kDqMTiles, kMinBlocks>, 8 warps each. The
+    // head dims that are multiples of 64 split evenly into the wider warp tiles.
+    static constexpr bool kEven = kHeadDim % 64 == 0;
+    static constexpr int kDqMTiles = kEven ? 2 : 1;
+    using KVTile = std::conditional_t<
+        (kHeadDim <= 64), BwdKVTileSm80<kHeadDim, 128, 4, 2, 2, kDqMTiles, 1>,
+        std::conditional_t<(kHeadDim <= 128), BwdKVTileSm80<kHeadDim, 64, 4, 2, 2, kDqMTiles, 1>,
+                           std::conditional_t<kEven, BwdKVTileSm80<kHeadDim, 64, 2, 2, 4, 2, 1>,
+                                              BwdKVTileSm80<kHeadDim, 64, 4, 1, 2, 1, 1>>>>;
     using DqTile = std::conditional_t<(kHeadDim <= 128), BwdDqTileSm80<kHeadDim, 4, 64, 2>,
                                       BwdDqTileSm80<kHeadDim, 4, 32, 1>>;
 };
@@ -157,20 +179,22 @@ __global__ void bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
     *reinterpret_cast<uint4*>(dq) = out;
 }
 
-// C (16 x 8·kNTiles per warp, mma accumulators) += A B over kKSteps k-steps of
-// 16, where A's fragments come from a(ks, frag) and B's from shared memory via
-// one ldmatrix.x4 (trans or not) per pair of 8-column tiles at b_lane.at(row, col)
-// with (row, col) = b_at(ks, j) for the pair j. Loads of a group go before
-// its mmas (see load_group).
-template <typename T, int kKSteps, int kNTiles, bool kTrans, typename Tile, typename AFrag, typename BAt>
-__device__ __forceinline__ void warp_mma(float (&c)[kNTiles][4], AFrag a_frag, const LdmatrixLane<Tile>& b_lane,
-                                         uint32_t b_offset, BAt b_at) {
+// C (16·kMTiles x 8·kNTiles per warp, mma accumulators) += A B over kKSteps
+// k-steps of 16, where the A fragment of m-tile mt comes from a_frag(ks, mt, a)
+// and B's from shared memory via one ldmatrix.x4 (trans or not) per pair of
+// 8-column tiles, at b_lane.at(row, col) with (row, col) = b_at(ks, j) for the
+// pair j. Each B fragment feeds kMTiles mma pairs; the loads of a group go
+// before its mmas (see load_group).
+template <typename T, int kKSteps, int kMTiles, int kNTiles, bool kTrans, typename Tile, typename AFrag, typename BAt>
+__device__ __forceinline__ void warp_mma(float (&c)[kMTiles][kNTiles][4], AFrag a_frag,
+                                         const LdmatrixLane<Tile>& b_lane, uint32_t b_offset, BAt b_at) {
     constexpr int kPairs = kNTiles / 2;
-    constexpr int kGroup = load_group(kPairs, 1);
+    constexpr int kGroup = load_group(kPairs, kMTiles);
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
-        uint32_t a[4];
-        a_frag(ks, a);
+        uint32_t a[kMTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) a_frag(ks, mt, a[mt]);
 #pragma unroll
         for (int j0 = 0; j0 < kPairs; j0 += kGroup) {
             uint32_t b[kGroup][4];
@@ -185,8 +209,11 @@ __device__ __forceinline__ void warp_mma(float (&c)[kNTiles][4], AFrag a_frag, c
             }
 #pragma unroll
             for (int j = 0; j < kGroup; ++j) {
-                mma_16816<T>(c[2 * (j0 + j)], a, b[j][0], b[j][1]);
-                mma_16816<T>(c[2 * (j0 + j) + 1], a, b[j][2], b[j][3]);
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt) {
+                    mma_16816<T>(c[mt][2 * (j0 + j)], a[mt], b[j][0], b[j][1]);
+                    mma_16816<T>(c[mt][2 * (j0 + j) + 1], a[mt], b[j][2], b[j][3]);
+                }
             }
         }
     }
@@ -211,31 +238,33 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
     constexpr int kBlockM = Tile::kBlockM;
     constexpr int kBlockN = Tile::kBlockN;
-    constexpr int kDOut = Tile::kDOut;
-    constexpr int kSTiles = kBlockM / kMmaN;     // 8-wide column (query) tiles of Sᵀ, dPᵀ
-    constexpr int kDSteps = Tile::kHeadDim / kMmaK;  // k-steps of Sᵀ = K Qᵀ and dPᵀ = V dOᵀ
-    constexpr int kMSteps = kBlockM / kMmaK;     // k-steps of dV += Pᵀ dO and dK += dSᵀ Q
-    constexpr int kNSteps = kBlockN / kMmaK;     // k-steps of dQ += dS K
-    constexpr int kOutTiles = kDOut / kMmaN;     // 8-wide column tiles of dK, dV, dQ
-    using DsLayout = typename Tile::DsLayout;
+    constexpr int kKeyTiles = Tile::kKeyTiles;           // 16-row (key) tiles of Sᵀ, dK, dV per warp
+    constexpr int kSTiles = Tile::kWarpQueries / kMmaN;  // 8-wide column (query) tiles of Sᵀ, dPᵀ per warp
+    constexpr int kDSteps = Tile::kHeadDim / kMmaK;      // k-steps of Sᵀ = K Qᵀ and dPᵀ = V dOᵀ
+    constexpr int kMSteps = kBlockM / kMmaK;             // k-steps of dV += Pᵀ dO and dK += dSᵀ Q
+    constexpr int kNSteps = kBlockN / kMmaK;             // k-steps of dQ += dS K
+    constexpr int kOutTiles = Tile::kWarpCols / kMmaN;   // 8-wide column tiles of dK, dV per warp
+    using PLayout = typename Tile::PLayout;
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
     T* k_smem = reinterpret_cast<T*>(smem_raw);      // [kBlockN][kRowStride]
     T* v_smem = k_smem + Tile::kKVElems;              // [kBlockN][kRowStride]
     T* q_smem = v_smem + Tile::kKVElems;              // [2][kBlockM][kRowStride]
     T* do_smem = q_smem + 2 * Tile::kQElems;          // [2][kBlockM][kRowStride]
-    T* ds_smem = do_smem + 2 * Tile::kQElems;         // [kBlockN][DsLayout::kRowStride]: dSᵀ
-    float* lse_smem = reinterpret_cast<float*>(ds_smem + Tile::kDsElems);  // [2][kBlockM]: L·log2(e)
-    float* delta_smem = lse_smem + 2 * kBlockM;                             // [2][kBlockM]: D
+    T* pt_smem = do_smem + 2 * Tile::kQElems;         // [kBlockN][PLayout::kRowStride]: Pᵀ
+    T* ds_smem = pt_smem + Tile::kPElems;             // [kBlockN][PLayout::kRowStride]: dSᵀ
+    float* lse_smem = reinterpret_cast<float*>(ds_smem + Tile::kPElems);  // [2][kBlockM]: L·log2(e)
+    float* delta_smem = lse_smem + 2 * kBlockM;                            // [2][kBlockM]: D
 
-    const int n_block = blockIdx.x / Tile::kDSplit;
-    const int d0 = blockIdx.x % Tile::kDSplit * kDOut;  // this block's columns of dK, dV, dQ
-    const int head_kv = blockIdx.y, batch = blockIdx.z;
+    const int n_block = blockIdx.x, head_kv = blockIdx.y, batch = blockIdx.z;
     const int group = p.heads_q / p.heads_kv;
     const int warp = threadIdx.x / kWarpSize;
     const int lane = threadIdx.x % kWarpSize;
     const int n0 = n_block * kBlockN;
-    const int warp_n0 = n0 + warp * kMmaM;       // the warp's first key
+    const int key_group = warp % Tile::kKeyGroups;           // the warp's kWarpKeys keys
+    const int warp_n0 = n0 + key_group * Tile::kWarpKeys;
+    const int q_col0 = warp / Tile::kKeyGroups * Tile::kWarpQueries;  // its queries in Sᵀ, dPᵀ
+    const int d_col0 = warp / Tile::kKeyGroups * Tile::kWarpCols;     // its columns of dK, dV
 
     // Query i sees key j <= i + diag (causal, bottom-right aligned): the query
     // blocks before m_first see none of this block's keys; from m_unmasked on
@@ -283,26 +312,49 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
     cp_async_commit();
 
     // ldmatrix lanes. A fragments (rows lane % 16, chunk bit lane / 16): the
-    // warp's K and V rows. B fragments, not transposed (rows (lane / 16)·8 +
-    // lane % 8, chunk bit (lane / 8) % 2): Q and dO as Qᵀ, dOᵀ. B transposed
-    // (as the A pattern): dO, Q for dV, dK and K for dQ. dS read as the A
-    // fragment of dS from dSᵀ: the non-transposed B pattern, transposed.
-    const LdmatrixLane<Tile> k_a(k_smem + warp * kMmaM * Tile::kRowStride, lane % 16, lane / 16);
-    const LdmatrixLane<Tile> v_a(v_smem + warp * kMmaM * Tile::kRowStride, lane % 16, lane / 16);
+    // warp's K and V rows, and its rows of Pᵀ, dSᵀ when exchanged. B fragments,
+    // not transposed (rows (lane / 16)·8 + lane % 8, chunk bit (lane / 8) % 2):
+    // Q and dO as Qᵀ, dOᵀ. B transposed (as the A pattern): dO, Q for dV, dK
+    // and K for dQ. dS read as the A fragment of dS from dSᵀ: the
+    // non-transposed B pattern, transposed.
+    const int key_row = key_group * Tile::kWarpKeys;  // the warp's first row in k_smem, v_smem, pt_smem, ds_smem
+    const LdmatrixLane<Tile> k_a(k_smem + key_row * Tile::kRowStride, lane % 16, lane / 16);
+    const LdmatrixLane<Tile> v_a(v_smem + key_row * Tile::kRowStride, lane % 16, lane / 16);
+    const LdmatrixLane<PLayout> pt_a(pt_smem + key_row * PLayout::kRowStride, lane % 16, lane / 16);
+    const LdmatrixLane<PLayout> dst_a(ds_smem + key_row * PLayout::kRowStride, lane % 16, lane / 16);
+    const int dq_row0 = warp % Tile::kDqRowGroups * Tile::kDqMTiles * kMmaM;  // dQ: the warp's queries
+    const int dq_col0 = warp / Tile::kDqRowGroups * Tile::kDqCols;  // and its columns
     const LdmatrixLane<Tile> q_b(q_smem, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
     const LdmatrixLane<Tile> do_b(do_smem, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
     const LdmatrixLane<Tile> q_bt(q_smem, lane % 16, lane / 16);
     const LdmatrixLane<Tile> do_bt(do_smem, lane % 16, lane / 16);
     const LdmatrixLane<Tile> k_bt(k_smem, lane % 16, lane / 16);
-    const LdmatrixLane<DsLayout> ds_at(ds_smem, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+    const LdmatrixLane<PLayout> ds_at(ds_smem, (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
     constexpr uint32_t kQStageBytes = Tile::kQElems * 2;
 
-    // Per thread: keys g = lane / 4 and g + 8 (r = 0, 1) of the warp's 16;
-    // queries 2t, 2t + 1 (t = lane % 4) of each 8-wide column tile.
-    float dv_acc[kOutTiles][4] = {};  // dV, 16 keys x kDOut per warp
-    float dk_acc[kOutTiles][4] = {};  // dK / scale, the same
+    // Per thread: keys g = lane / 4 and g + 8 (r = 0, 1) of each of the
+    // warp's 16-key tiles; queries 2t, 2t + 1 (t = lane % 4) of each 8-wide column tile.
+    float dv_acc[kKeyTiles][kOutTiles][4] = {};  // dV, kWarpKeys x kWarpCols per warp
+    float dk_acc[kKeyTiles][kOutTiles][4] = {};  // dK / scale, the same
     const int key_row0 = warp_n0 + lane / 4;
     const int col_in_tile = (lane % 4) * 2;
+
+    // x (kWarpKeys x kWarpQueries, mma accumulators) into the warp's rows and columns of a shared tile.
+    using KeyScores = float[kKeyTiles][kSTiles][4];
+    auto store_t = [&](T* tile, const KeyScores& x) {
+#pragma unroll
+        for (int mt = 0; mt < kKeyTiles; ++mt) {
+#pragma unroll
+            for (int nt = 0; nt < kSTiles; ++nt) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int row = key_row + mt * kMmaM + lane / 4 + 8 * r;
+                    *reinterpret_cast<uint32_t*>(tile + smem_offset<PLayout>(row, q_col0 + nt * kMmaN + col_in_tile)) =
+                        pack2<T>(x[mt][nt][2 * r], x[mt][nt][2 * r + 1]);
+                }
+            }
+        }
+    };
 
     auto step = [&](int it, auto masked) {
         constexpr bool kMasked = decltype(masked)::value;
@@ -314,83 +366,96 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
         cp_async_commit();
 
         const uint32_t q_off = stage * kQStageBytes;
-        const float* lse_s = lse_smem + stage * kBlockM;
-        const float* delta_s = delta_smem + stage * kBlockM;
+        const float* lse_s = lse_smem + stage * kBlockM + q_col0;
+        const float* delta_s = delta_smem + stage * kBlockM + q_col0;
 
         // Sᵀ = K Qᵀ;  Pᵀ = exp2(c·Sᵀ − L2), masked to 0 where a key is not seen.
-        float s[kSTiles][4] = {};  // Sᵀ, then Pᵀ: 16 keys x kBlockM queries per warp
-        warp_mma<T, kDSteps, kSTiles, false>(
-            s, [&](int ks, uint32_t(&a)[4]) { ldmatrix_x4(a, k_a.at(0, ks * kMmaK)); }, q_b, q_off,
-            [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; });
+        KeyScores s = {};  // Sᵀ, then Pᵀ: kWarpKeys x kWarpQueries per warp
+        warp_mma<T, kDSteps, kKeyTiles, kSTiles, false>(
+            s, [&](int ks, int mt, uint32_t(&a)[4]) { ldmatrix_x4(a, k_a.at(mt * kMmaM, ks * kMmaK)); }, q_b, q_off,
+            [&](int ks, int j) { return RowCol{q_col0 + j * 2 * kMmaN, ks * kMmaK}; });
 #pragma unroll
         for (int nt = 0; nt < kSTiles; ++nt) {
             const float2 lse = *reinterpret_cast<const float2*>(lse_s + nt * kMmaN + col_in_tile);
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
+            for (int mt = 0; mt < kKeyTiles; ++mt) {
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    float& x = s[nt][2 * r + c];
-                    x = exp2_approx(fmaf(x, p.scale_log2, -(c == 0 ? lse.x : lse.y)));
-                    if constexpr (kMasked) {
-                        const int key = key_row0 + 8 * r;
-                        const int query = m0 + nt * kMmaN + col_in_tile + c;
-                        if (key >= p.seqlen_k || (kCausal && key > query + diag)) x = 0.f;
+                for (int r = 0; r < 2; ++r) {
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        float& x = s[mt][nt][2 * r + c];
+                        x = exp2_approx(fmaf(x, p.scale_log2, -(c == 0 ? lse.x : lse.y)));
+                        if constexpr (kMasked) {
+                            const int key = key_row0 + mt * kMmaM + 8 * r;
+                            const int query = m0 + q_col0 + nt * kMmaN + col_in_tile + c;
+                            if (key >= p.seqlen_k || (kCausal && key > query + diag)) x = 0.f;
+                        }
                     }
                 }
             }
         }
 
-        // dPᵀ = V dOᵀ
-        float dp[kSTiles][4] = {};  // dPᵀ, then dSᵀ
-        warp_mma<T, kDSteps, kSTiles, false>(
-            dp, [&](int ks, uint32_t(&a)[4]) { ldmatrix_x4(a, v_a.at(0, ks * kMmaK)); }, do_b, q_off,
-            [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; });
-
-        // dV += Pᵀ dO
-        warp_mma<T, kMSteps, kOutTiles, true>(
-            dv_acc, [&](int ks, uint32_t(&a)[4]) { acc_to_a<T>(s, ks, a); }, do_bt, q_off,
-            [&](int ks, int j) { return RowCol{ks * kMmaK, d0 + j * 2 * kMmaN}; });
-
-        // dSᵀ = Pᵀ ∘ (dPᵀ − D)
+        // dPᵀ = V dOᵀ;  dSᵀ = Pᵀ ∘ (dPᵀ − D)
+        KeyScores dp = {};  // dPᵀ, then dSᵀ
+        warp_mma<T, kDSteps, kKeyTiles, kSTiles, false>(
+            dp, [&](int ks, int mt, uint32_t(&a)[4]) { ldmatrix_x4(a, v_a.at(mt * kMmaM, ks * kMmaK)); }, do_b, q_off,
+            [&](int ks, int j) { return RowCol{q_col0 + j * 2 * kMmaN, ks * kMmaK}; });
 #pragma unroll
         for (int nt = 0; nt < kSTiles; ++nt) {
             const float2 delta = *reinterpret_cast<const float2*>(delta_s + nt * kMmaN + col_in_tile);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) dp[nt][i] = s[nt][i] * (dp[nt][i] - (i % 2 == 0 ? delta.x : delta.y));
-        }
-
-        // dK += dSᵀ Q (the scale is applied once, at the end)
-        warp_mma<T, kMSteps, kOutTiles, true>(
-            dk_acc, [&](int ks, uint32_t(&a)[4]) { acc_to_a<T>(dp, ks, a); }, q_bt, q_off,
-            [&](int ks, int j) { return RowCol{ks * kMmaK, d0 + j * 2 * kMmaN}; });
-
-        if constexpr (kAtomicDq) {
-            // dQ += dS K: dSᵀ to shared memory; then warp w takes query rows 16w..16w + 15.
+            for (int mt = 0; mt < kKeyTiles; ++mt) {
 #pragma unroll
-            for (int nt = 0; nt < kSTiles; ++nt) {
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int row = warp * kMmaM + lane / 4 + 8 * r;
-                    *reinterpret_cast<uint32_t*>(ds_smem + smem_offset<DsLayout>(row, nt * kMmaN + col_in_tile)) =
-                        pack2<T>(dp[nt][2 * r], dp[nt][2 * r + 1]);
+                for (int i = 0; i < 4; ++i) {
+                    dp[mt][nt][i] = s[mt][nt][i] * (dp[mt][nt][i] - (i % 2 == 0 ? delta.x : delta.y));
                 }
             }
-            __syncthreads();
-            float dq[kOutTiles][4] = {};  // dQ / scale, 16 queries x kDOut per warp
-            warp_mma<T, kNSteps, kOutTiles, true>(
-                dq, [&](int ks, uint32_t(&a)[4]) { ldmatrix_x4_trans(a, ds_at.at(ks * kMmaK, warp * kMmaM)); },
-                k_bt, 0, [&](int ks, int j) { return RowCol{ks * kMmaK, d0 + j * 2 * kMmaN}; });
+        }
+
+        // Pᵀ and dSᵀ to shared memory, for every warp of the key group (and dS for dQ).
+        store_t(pt_smem, s);
+        store_t(ds_smem, dp);
+        __syncthreads();
+
+        // dV += Pᵀ dO;  dK += dSᵀ Q (the scale is applied once, at the end)
+        auto pt_frag = [&](int ks, int mt, uint32_t(&a)[4]) {
+            ldmatrix_x4(a, pt_a.at(mt * kMmaM, ks * kMmaK));
+        };
+        auto dst_frag = [&](int ks, int mt, uint32_t(&a)[4]) {
+            ldmatrix_x4(a, dst_a.at(mt * kMmaM, ks * kMmaK));
+        };
+        warp_mma<T, kMSteps, kKeyTiles, kOutTiles, true>(dv_acc, pt_frag, do_bt, q_off, [&](int ks, int j) {
+            return RowCol{ks * kMmaK, d_col0 + j * 2 * kMmaN};
+        });
+        warp_mma<T, kMSteps, kKeyTiles, kOutTiles, true>(dk_acc, dst_frag, q_bt, q_off, [&](int ks, int j) {
+            return RowCol{ks * kMmaK, d_col0 + j * 2 * kMmaN};
+        });
+
+        if constexpr (kAtomicDq) {
+            // dQ += dS K, each warp on kDqMTiles·16 query rows and kDqCols columns (see BwdKVTileSm80).
+            constexpr int kDqMTiles = Tile::kDqMTiles;
+            constexpr int kDqTiles = Tile::kDqCols / kMmaN;
+            float dq[kDqMTiles][kDqTiles][4] = {};  // dQ / scale, kDqMTiles·16 queries x kDqCols per warp
+            warp_mma<T, kNSteps, kDqMTiles, kDqTiles, true>(
+                dq,
+                [&](int ks, int mt, uint32_t(&a)[4]) {
+                    ldmatrix_x4_trans(a, ds_at.at(ks * kMmaK, dq_row0 + mt * kMmaM));
+                },
+                k_bt, 0, [&](int ks, int j) { return RowCol{ks * kMmaK, dq_col0 + j * 2 * kMmaN}; });
             const int head = head_of(it);
             float* acc = p.dq_accum + (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q * p.head_dim;
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int query = m0 + warp * kMmaM + lane / 4 + 8 * r;
-                if (query >= p.seqlen_q) continue;
+            for (int mt = 0; mt < kDqMTiles; ++mt) {
 #pragma unroll
-                for (int nt = 0; nt < kOutTiles; ++nt) {
-                    const int col = d0 + nt * kMmaN + col_in_tile;
-                    if (col < p.head_dim) atomic_add2(acc + static_cast<int64_t>(query) * p.head_dim + col,
-                                                      dq[nt][2 * r], dq[nt][2 * r + 1]);
+                for (int r = 0; r < 2; ++r) {
+                    const int query = m0 + dq_row0 + mt * kMmaM + lane / 4 + 8 * r;
+                    if (query >= p.seqlen_q) continue;
+#pragma unroll
+                    for (int nt = 0; nt < kDqTiles; ++nt) {
+                        const int col = dq_col0 + nt * kMmaN + col_in_tile;
+                        if (col < p.head_dim) atomic_add2(acc + static_cast<int64_t>(query) * p.head_dim + col,
+                                                          dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
+                    }
                 }
             }
         }
@@ -406,34 +471,38 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
     }
     cp_async_wait<0>();
 
-    // dK = scale · dK, dV: each warp stages its 16 rows in its own rows of
-    // k_smem and v_smem, then writes them out in coalesced 16-byte chunks.
+    // dK = scale · dK, dV: each warp stages its kWarpKeys rows and kWarpCols
+    // columns in the same place of k_smem and v_smem, then writes them out in
+    // coalesced 16-byte chunks.
     __syncthreads();  // every warp is done reading K and V
-    T* dk_stage = k_smem + warp * kMmaM * Tile::kRowStride;
-    T* dv_stage = v_smem + warp * kMmaM * Tile::kRowStride;
+    T* dk_stage = k_smem + key_row * Tile::kRowStride;
+    T* dv_stage = v_smem + key_row * Tile::kRowStride;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = lane / 4 + 8 * r;
+    for (int mt = 0; mt < kKeyTiles; ++mt) {
 #pragma unroll
-        for (int nt = 0; nt < kOutTiles; ++nt) {
-            const int col = nt * kMmaN + col_in_tile;
-            *reinterpret_cast<uint32_t*>(dk_stage + smem_offset<Tile>(row, col)) =
-                pack2<T>(dk_acc[nt][2 * r] * p.scale, dk_acc[nt][2 * r + 1] * p.scale);
-            *reinterpret_cast<uint32_t*>(dv_stage + smem_offset<Tile>(row, col)) =
-                pack2<T>(dv_acc[nt][2 * r], dv_acc[nt][2 * r + 1]);
+        for (int r = 0; r < 2; ++r) {
+            const int row = mt * kMmaM + lane / 4 + 8 * r;
+#pragma unroll
+            for (int nt = 0; nt < kOutTiles; ++nt) {
+                const int col = d_col0 + nt * kMmaN + col_in_tile;
+                *reinterpret_cast<uint32_t*>(dk_stage + smem_offset<Tile>(row, col)) =
+                    pack2<T>(dk_acc[mt][nt][2 * r] * p.scale, dk_acc[mt][nt][2 * r + 1] * p.scale);
+                *reinterpret_cast<uint32_t*>(dv_stage + smem_offset<Tile>(row, col)) =
+                    pack2<T>(dv_acc[mt][nt][2 * r], dv_acc[mt][nt][2 * r + 1]);
+            }
         }
     }
     __syncwarp();
     T* dk_g = static_cast<T*>(p.dk) + batch * p.dk_batch_stride + head_kv * p.dk_head_stride
-              + warp_n0 * p.dk_row_stride + d0;
+              + warp_n0 * p.dk_row_stride;
     T* dv_g = static_cast<T*>(p.dv) + batch * p.dv_batch_stride + head_kv * p.dv_head_stride
-              + warp_n0 * p.dv_row_stride + d0;
-    constexpr int kChunksPerRow = kDOut / kChunk;
+              + warp_n0 * p.dv_row_stride;
+    constexpr int kChunksPerRow = Tile::kWarpCols / kChunk;
 #pragma unroll
-    for (int i = lane; i < kMmaM * kChunksPerRow; i += kWarpSize) {
+    for (int i = lane; i < Tile::kWarpKeys * kChunksPerRow; i += kWarpSize) {
         const int row = i / kChunksPerRow;
-        const int col = (i % kChunksPerRow) * kChunk;
-        if (warp_n0 + row < p.seqlen_k && d0 + col < p.head_dim) {
+        const int col = d_col0 + (i % kChunksPerRow) * kChunk;
+        if (warp_n0 + row < p.seqlen_k && col < p.head_dim) {
             *reinterpret_cast<uint4*>(dk_g + row * p.dk_row_stride + col) =
                 *reinterpret_cast<const uint4*>(dk_stage + smem_offset<Tile>(row, col));
             *reinterpret_cast<uint4*>(dv_g + row * p.dv_row_stride + col) =
@@ -513,7 +582,7 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
         lse_log2[r] = p.lse_log2[bh_row + row0 + 8 * r];
         delta[r] = p.delta[bh_row + row0 + 8 * r];
     }
-    float dq_acc[kDTiles][4] = {};  // dQ / scale, 16 queries x kHeadDim per warp
+    float dq_acc[1][kDTiles][4] = {};  // dQ / scale, 16 queries x kHeadDim per warp
 
     auto step = [&](int tile, auto masked) {
         constexpr bool kMasked = decltype(masked)::value;
@@ -526,15 +595,15 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
         const int n0 = tile * kBlockN;
 
         // S = Q Kᵀ;  P = exp2(c·S − L2), masked to 0
-        float s[kNTiles][4] = {};  // S, then P: 16 queries x kBlockN keys per warp
-        warp_mma<T, kDSteps, kNTiles, false>(
-            s, [&](int ks, uint32_t(&a)[4]) { ldmatrix_x4(a, q_a.at(0, ks * kMmaK)); }, k_b, kv_off,
+        float s[1][kNTiles][4] = {};  // S, then P: 16 queries x kBlockN keys per warp
+        warp_mma<T, kDSteps, 1, kNTiles, false>(
+            s, [&](int ks, int, uint32_t(&a)[4]) { ldmatrix_x4(a, q_a.at(0, ks * kMmaK)); }, k_b, kv_off,
             [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; });
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                float& x = s[nt][i];
+                float& x = s[0][nt][i];
                 x = exp2_approx(fmaf(x, p.scale_log2, -lse_log2[i / 2]));
                 if constexpr (kMasked) {
                     const int key = n0 + nt * kMmaN + col_in_tile + i % 2;
@@ -544,18 +613,18 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
             }
         }
         // dP = dO Vᵀ;  dS = P ∘ (dP − D)
-        float dp[kNTiles][4] = {};
-        warp_mma<T, kDSteps, kNTiles, false>(
-            dp, [&](int ks, uint32_t(&a)[4]) { ldmatrix_x4(a, do_a.at(0, ks * kMmaK)); }, v_b, kv_off,
+        float dp[1][kNTiles][4] = {};
+        warp_mma<T, kDSteps, 1, kNTiles, false>(
+            dp, [&](int ks, int, uint32_t(&a)[4]) { ldmatrix_x4(a, do_a.at(0, ks * kMmaK)); }, v_b, kv_off,
             [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; });
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) dp[nt][i] = s[nt][i] * (dp[nt][i] - delta[i / 2]);
+            for (int i = 0; i < 4; ++i) dp[0][nt][i] = s[0][nt][i] * (dp[0][nt][i] - delta[i / 2]);
         }
         // dQ += dS K
-        warp_mma<T, kNSteps, kDTiles, true>(
-            dq_acc, [&](int ks, uint32_t(&a)[4]) { acc_to_a<T>(dp, ks, a); }, k_bt, kv_off,
+        warp_mma<T, kNSteps, 1, kDTiles, true>(
+            dq_acc, [&](int ks, int, uint32_t(&a)[4]) { acc_to_a<T>(dp[0], ks, a); }, k_bt, kv_off,
             [](int ks, int j) { return RowCol{ks * kMmaK, j * 2 * kMmaN}; });
     };
 
@@ -573,7 +642,7 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
             *reinterpret_cast<uint32_t*>(dq_stage + smem_offset<Tile>(lane / 4 + 8 * r, dt * kMmaN + col_in_tile)) =
-                pack2<T>(dq_acc[dt][2 * r] * p.dq_scale, dq_acc[dt][2 * r + 1] * p.dq_scale);
+                pack2<T>(dq_acc[0][dt][2 * r] * p.dq_scale, dq_acc[0][dt][2 * r + 1] * p.dq_scale);
         }
     }
     __syncwarp();
@@ -617,7 +686,7 @@ void launch_bwd_sm80(const BwdParams& p, bool deterministic, cudaStream_t stream
                                stream>>>(p);
     check_cuda(cudaGetLastError(), "flash_ext backward preprocess launch");
 
-    const dim3 kv_grid(ceil_div(p.seqlen_k, KVTile::kBlockN) * KVTile::kDSplit, p.heads_kv, p.batch);
+    const dim3 kv_grid(ceil_div(p.seqlen_k, KVTile::kBlockN), p.heads_kv, p.batch);
     if (deterministic) {
         auto kv_kernel = bwd_kv_kernel_sm80<T, KVTile, kCausal, false>;
         set_smem(kv_kernel, KVTile::kSmemBytes, "backward");

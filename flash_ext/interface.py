@@ -73,6 +73,8 @@ def check_inputs(q, k, v, causal, scale, deterministic=False):
 
 
 KERNEL_MAX_HEAD_DIM = 256
+# Read once here: torch.compile traces constants, not calls into the extension.
+BUILT_HEAD_DIMS = tuple(_C.built_head_dims()) if _C is not None else ()
 KERNEL_ALIGN = 8  # elements: the kernels copy 16-byte chunks
 
 
@@ -91,6 +93,10 @@ def _check_cuda_inputs(q, k, v):
         raise ValueError(
             f"flash_ext.attention: head_dim {d} is not supported on CUDA; expected a multiple of "
             f"{KERNEL_ALIGN} from {KERNEL_ALIGN} to {KERNEL_MAX_HEAD_DIM} (pad the head dim, or use CPU tensors)")
+    if d > max(BUILT_HEAD_DIMS):
+        raise ValueError(
+            f"flash_ext.attention: head_dim {d} needs a kernel built for head dims up to at least {d}; "
+            f"this build has {list(BUILT_HEAD_DIMS)} (rebuild without FLASH_EXT_HEAD_DIMS, or with a larger one)")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if any(x.stride(i) % KERNEL_ALIGN != 0 and x.shape[i] > 1 for i in range(3)):
             raise ValueError(
