@@ -312,7 +312,7 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
     cp_async_commit();
 
     // ldmatrix lanes. A fragments (rows lane % 16, chunk bit lane / 16): the
-    // warp's K and V rows, and its rows of Pᵀ, dSᵀ when exchanged. B fragments,
+    // warp's K and V rows, and its rows of Pᵀ, dSᵀ. B fragments,
     // not transposed (rows (lane / 16)·8 + lane % 8, chunk bit (lane / 8) % 2):
     // Q and dO as Qᵀ, dOᵀ. B transposed (as the A pattern): dO, Q for dV, dK
     // and K for dQ. dS read as the A fragment of dS from dSᵀ: the
@@ -647,16 +647,7 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
     }
     __syncwarp();
     T* dq_g = static_cast<T*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride + warp_m0 * p.dq_row_stride;
-    constexpr int kChunksPerRow = Tile::kHeadDim / kChunk;
-#pragma unroll
-    for (int i = lane; i < kMmaM * kChunksPerRow; i += kWarpSize) {
-        const int row = i / kChunksPerRow;
-        const int col = (i % kChunksPerRow) * kChunk;
-        if (warp_m0 + row < p.seqlen_q && col < p.head_dim) {
-            *reinterpret_cast<uint4*>(dq_g + row * p.dq_row_stride + col) =
-                *reinterpret_cast<const uint4*>(dq_stage + smem_offset<Tile>(row, col));
-        }
-    }
+    store_tile_warp<Tile, kMmaM, Tile::kHeadDim>(dq_g, p.dq_row_stride, dq_stage, warp_m0, p.seqlen_q, p.head_dim);
 }
 
 // Opt a kernel into Tile's shared memory, or say that this GPU has too little.

@@ -381,16 +381,7 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     }
     __syncwarp();
     T* o_g = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride + warp_m0 * p.o_row_stride;
-    constexpr int kChunksPerRow = kHeadDim / kChunk;
-#pragma unroll
-    for (int i = lane; i < Tile::kWarpRows * kChunksPerRow; i += kWarpSize) {
-        const int row = i / kChunksPerRow;
-        const int col = (i % kChunksPerRow) * kChunk;
-        if (warp_m0 + row < p.seqlen_q && col < p.head_dim) {
-            *reinterpret_cast<uint4*>(o_g + row * p.o_row_stride + col) =
-                *reinterpret_cast<const uint4*>(o_stage + smem_offset<Tile>(row, col));
-        }
-    }
+    store_tile_warp<Tile, Tile::kWarpRows, kHeadDim>(o_g, p.o_row_stride, o_stage, warp_m0, p.seqlen_q, p.head_dim);
 }
 
 // Causal launch order (launcher): longest first from this many row blocks per

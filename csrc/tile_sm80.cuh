@@ -144,6 +144,25 @@ struct LdmatrixLane {
     }
 };
 
+// A warp writes a kRows x kCols tile that it staged in shared memory (in rows
+// no other warp touches) to global memory in coalesced 16-byte chunks: the
+// rows r with row0 + r < row_end and the columns below col_end, row r at
+// gmem + r·row_stride.
+template <typename Tile, int kRows, int kCols, typename T>
+__device__ __forceinline__ void store_tile_warp(T* gmem, int64_t row_stride, const T* stage, int row0, int row_end,
+                                                int col_end) {
+    constexpr int kChunksPerRow = kCols / kChunk;
+#pragma unroll
+    for (int i = threadIdx.x % kWarpSize; i < kRows * kChunksPerRow; i += kWarpSize) {
+        const int row = i / kChunksPerRow;
+        const int col = (i % kChunksPerRow) * kChunk;
+        if (row0 + row < row_end && col < col_end) {
+            *reinterpret_cast<uint4*>(gmem + row * row_stride + col) =
+                *reinterpret_cast<const uint4*>(stage + smem_offset<Tile>(row, col));
+        }
+    }
+}
+
 inline void check_cuda(cudaError_t err, const char* what) {
     if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
