@@ -2,7 +2,7 @@
 # Everything a kernel change is checked with on a GPU, in one call: build, the tests (GPU ones
 # included), compute-sanitizer, and the side-by-side benchmark, with logs and
 # results under OUT_DIR and a short summary printed last.
-#   bash bench/gpu_check.sh OUT_DIR [bench.py options, e.g. --quick]
+#   bash bench/gpu_check.sh OUT_DIR [bench.py options; default --mode fwd, the forward sweep]
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [bench.py options]}
 shift
@@ -15,7 +15,9 @@ tail -n 3 "$out/tests.log"
 bash tests/sanitize.sh > "$out/sanitize.log" 2>&1
 echo "compute-sanitizer exit code $?"
 grep SUMMARY "$out/sanitize.log"
-python3 bench/bench.py --out "$out/results" "$@" > "$out/bench.log" 2> "$out/bench_progress.log"
+bench_args=("$@")
+[ ${#bench_args[@]} -eq 0 ] && bench_args=(--mode fwd)
+python3 bench/bench.py --out "$out/results" "${bench_args[@]}" > "$out/bench.log" 2> "$out/bench_progress.log"
 for json in "$out"/results/bench_*.json; do
     python3 bench/summary.py "$json"
 done
