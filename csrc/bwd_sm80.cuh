@@ -544,12 +544,8 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
     const T* v_g = static_cast<const T*>(p.v) + batch * p.v_batch_stride + head_kv * p.v_head_stride;
 
     const int diag = p.seqlen_k - p.seqlen_q;
-    const int n_end = kCausal ? max(0, min(p.seqlen_k, m0 + kBlockM + diag)) : p.seqlen_k;
-    const int n_tiles = ceil_div(n_end, kBlockN);
-    // Key blocks from n_masked_from on need the mask (the ragged tail; the
-    // causal diagonal: keys past the last one the block's first row sees).
-    int n_masked_from = n_tiles * kBlockN > p.seqlen_k ? n_tiles - 1 : n_tiles;
-    if (kCausal) n_masked_from = min(n_masked_from, max(0, (m0 + diag + 1) / kBlockN));
+    const KeyTiles keys = key_tiles<kBlockM, kBlockN, kCausal>(m0, diag, p.seqlen_k);
+    const int n_tiles = keys.count, n_masked_from = keys.masked_from;
 
     auto load_kv = [&](int tile, int stage) {
         const int n0 = tile * kBlockN;
@@ -650,22 +646,6 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
     store_tile_warp<Tile, kMmaM, Tile::kHeadDim>(dq_g, p.dq_row_stride, dq_stage, warp_m0, p.seqlen_q, p.head_dim);
 }
 
-// Opt a kernel into Tile's shared memory, or say that this GPU has too little.
-template <typename Kernel>
-void set_smem(Kernel kernel, int bytes, const char* what) {
-    int device = 0, smem_optin = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-               "cudaDeviceGetAttribute");
-    if (bytes > smem_optin) {
-        throw std::invalid_argument(std::string("flash_ext ") + what + " needs " + std::to_string(bytes) +
-                                    " bytes of shared memory per block; this GPU offers " +
-                                    std::to_string(smem_optin));
-    }
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-               "cudaFuncSetAttribute");
-}
-
 template <typename Tag, int kHeadDim, bool kCausal>
 void launch_bwd_sm80(const BwdParams& p, bool deterministic, cudaStream_t stream) {
     using T = typename DeviceType<Tag>::type;
@@ -680,17 +660,17 @@ void launch_bwd_sm80(const BwdParams& p, bool deterministic, cudaStream_t stream
     const dim3 kv_grid(ceil_div(p.seqlen_k, KVTile::kBlockN), p.heads_kv, p.batch);
     if (deterministic) {
         auto kv_kernel = bwd_kv_kernel_sm80<T, KVTile, kCausal, false>;
-        set_smem(kv_kernel, KVTile::kSmemBytes, "backward");
+        set_smem(kv_kernel, KVTile::kSmemBytes, "backward, head dim " + std::to_string(kHeadDim));
         kv_kernel<<<kv_grid, KVTile::kThreads, KVTile::kSmemBytes, stream>>>(p);
         check_cuda(cudaGetLastError(), "flash_ext backward dK/dV launch");
         auto dq_kernel = bwd_dq_kernel_sm80<T, DqTile, kCausal>;
-        set_smem(dq_kernel, DqTile::kSmemBytes, "backward (dQ)");
+        set_smem(dq_kernel, DqTile::kSmemBytes, "backward dQ, head dim " + std::to_string(kHeadDim));
         const dim3 dq_grid(ceil_div(p.seqlen_q, DqTile::kBlockM), p.heads_q, p.batch);
         dq_kernel<<<dq_grid, DqTile::kThreads, DqTile::kSmemBytes, stream>>>(p);
         check_cuda(cudaGetLastError(), "flash_ext backward dQ launch");
     } else {
         auto kv_kernel = bwd_kv_kernel_sm80<T, KVTile, kCausal, true>;
-        set_smem(kv_kernel, KVTile::kSmemBytes, "backward");
+        set_smem(kv_kernel, KVTile::kSmemBytes, "backward, head dim " + std::to_string(kHeadDim));
         kv_kernel<<<kv_grid, KVTile::kThreads, KVTile::kSmemBytes, stream>>>(p);
         check_cuda(cudaGetLastError(), "flash_ext backward dK/dV/dQ launch");
         constexpr int kConvertThreads = 256;

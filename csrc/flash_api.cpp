@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -122,8 +123,8 @@ void set_strides(int64_t& batch, int64_t& head, int64_t& row, const at::Tensor& 
     row = x.stride(2);
 }
 
-std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                            double scale) {
+// The checks both directions make on q, k, v. Returns the compiled head dim that runs them.
+int check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
     check_operand(q, "q", q);
     check_operand(k, "k", q);
     check_operand(v, "v", q);
@@ -137,39 +138,65 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "flash_ext: q heads (", q.size(1),
                       ") must be a multiple of k/v heads (", k.size(1), ")");
     TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535, "flash_ext: batch and heads must be at most 65535");
+    return kernel_head_dim;
+}
 
-    c10::cuda::CUDAGuard guard(q.device());
-    // softmax(scale·q·kᵀ) = softmax(|scale|·(-q)·kᵀ): the kernels need scale > 0.
-    // A zero scale becomes the smallest normal float, whose products with the
-    // scores flush to zero while masked -inf scores stay -inf.
-    const at::Tensor q_run = scale < 0 ? q.neg().contiguous() : q;
-    const float scale_run = std::max(static_cast<float>(std::fabs(scale)), std::numeric_limits<float>::min());
-    at::Tensor o = at::empty_like(q);
-    at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-    if (g_poison_outputs) {
-        o.fill_(std::numeric_limits<float>::quiet_NaN());
-        lse.fill_(std::numeric_limits<float>::quiet_NaN());
-    }
-    if (o.numel() == 0) return {o, lse};
+// The kernels need scale > 0: softmax(scale·q·kᵀ) = softmax(|scale|·(-q)·kᵀ),
+// so a negative scale runs on -q (and dq changes sign). A zero scale becomes
+// the smallest normal float, whose products with the scores flush to zero
+// while masked -inf scores stay -inf.
+struct PositiveScale {
+    at::Tensor q;
+    float scale;
+};
 
-    flash::FwdParams p{};
-    p.q = q_run.data_ptr();
+PositiveScale positive_scale(const at::Tensor& q, double scale) {
+    return {scale < 0 ? q.neg().contiguous() : q,
+            std::max(static_cast<float>(std::fabs(scale)), std::numeric_limits<float>::min())};
+}
+
+// The fields FwdParams and BwdParams share: q (as run), k, v and the problem's sizes and scale.
+template <typename Params>
+void set_problem(Params& p, const PositiveScale& run, const at::Tensor& k, const at::Tensor& v) {
+    const at::Tensor& q = run.q;
+    p.q = q.data_ptr();
     p.k = k.data_ptr();
     p.v = v.data_ptr();
-    p.o = o.data_ptr();
-    p.lse = lse.data_ptr<float>();
-    set_strides(p.q_batch_stride, p.q_head_stride, p.q_row_stride, q_run);
+    set_strides(p.q_batch_stride, p.q_head_stride, p.q_row_stride, q);
     set_strides(p.k_batch_stride, p.k_head_stride, p.k_row_stride, k);
     set_strides(p.v_batch_stride, p.v_head_stride, p.v_row_stride, v);
-    set_strides(p.o_batch_stride, p.o_head_stride, p.o_row_stride, o);
     p.batch = static_cast<int>(q.size(0));
     p.heads_q = static_cast<int>(q.size(1));
     p.heads_kv = static_cast<int>(k.size(1));
     p.seqlen_q = static_cast<int>(q.size(2));
     p.seqlen_k = static_cast<int>(k.size(2));
-    p.head_dim = static_cast<int>(head_dim);
-    p.scale = scale_run;
-    p.scale_log2 = scale_run * static_cast<float>(M_LOG2E);
+    p.head_dim = static_cast<int>(q.size(3));
+    p.scale = run.scale;
+    p.scale_log2 = run.scale * static_cast<float>(M_LOG2E);
+}
+
+// Tests set g_poison_outputs: every output then starts as NaN.
+void poison_if_testing(std::initializer_list<at::Tensor> outputs) {
+    if (!g_poison_outputs) return;
+    for (const at::Tensor& x : outputs) x.fill_(std::numeric_limits<float>::quiet_NaN());
+}
+
+std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                            double scale) {
+    const int kernel_head_dim = check_qkv(q, k, v);
+
+    c10::cuda::CUDAGuard guard(q.device());
+    const PositiveScale run = positive_scale(q, scale);
+    at::Tensor o = at::empty_like(q);
+    at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+    poison_if_testing({o, lse});
+    if (o.numel() == 0) return {o, lse};
+
+    flash::FwdParams p{};
+    set_problem(p, run, k, v);
+    p.o = o.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    set_strides(p.o_batch_stride, p.o_head_stride, p.o_row_stride, o);
 
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     run_kernels(FwdLaunch{p, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
@@ -190,34 +217,18 @@ void check_row_stats(const at::Tensor& x, const char* name, const at::Tensor& q)
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
                             bool causal, double scale, bool deterministic) {
-    check_operand(q, "q", q);
-    check_operand(k, "k", q);
-    check_operand(v, "v", q);
+    const int kernel_head_dim = check_qkv(q, k, v);
     check_operand(o, "o", q);
     check_operand(dout, "dout", q);
     TORCH_CHECK_VALUE(o.sizes() == q.sizes() && dout.sizes() == q.sizes(), "flash_ext: o and dout must have q's shape ",
                       q.sizes(), ", got ", o.sizes(), " and ", dout.sizes());
-    TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "flash_ext: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
-    TORCH_CHECK_VALUE(k.size(0) == q.size(0), "flash_ext: k has batch ", k.size(0), " but q has ", q.size(0));
-    TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "flash_ext: q heads (", q.size(1),
-                      ") must be a multiple of k/v heads (", k.size(1), ")");
-    TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535, "flash_ext: batch and heads must be at most 65535");
     check_row_stats(lse, "lse", q);
     if (dlse.has_value()) check_row_stats(*dlse, "dlse", q);
-    const int64_t head_dim = q.size(3);
-    TORCH_CHECK_VALUE(head_dim % kAlignElems == 0, "flash_ext: head_dim must be a multiple of 8, got ", head_dim);
-    const int kernel_head_dim = compiled_head_dim(static_cast<int>(head_dim));
-    TORCH_CHECK_VALUE(kernel_head_dim > 0, "flash_ext: head_dim ", head_dim, " is larger than the largest built (",
-                      kBuiltHeadDims[sizeof(kBuiltHeadDims) / sizeof(int) - 1], ")");
 
     c10::cuda::CUDAGuard guard(q.device());
-    // As in the forward: a negative scale runs as |scale| on -q, so dq changes sign.
-    const at::Tensor q_run = scale < 0 ? q.neg().contiguous() : q;
-    const float scale_run = std::max(static_cast<float>(std::fabs(scale)), std::numeric_limits<float>::min());
+    const PositiveScale run = positive_scale(q, scale);
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-    if (g_poison_outputs) {
-        for (at::Tensor* x : {&dq, &dk, &dv}) x->fill_(std::numeric_limits<float>::quiet_NaN());
-    }
+    poison_if_testing({dq, dk, dv});
     if (q.numel() == 0 || k.numel() == 0) {  // no query, or no key: every gradient is zero
         dq.zero_();
         dk.zero_();
@@ -228,12 +239,10 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
     const auto f32 = q.options().dtype(at::kFloat);
     at::Tensor lse_log2 = at::empty({q.size(0), q.size(1), padded}, f32);
     at::Tensor delta = at::empty({q.size(0), q.size(1), padded}, f32);
-    at::Tensor dq_accum = deterministic ? at::Tensor() : at::empty({q.size(0), q.size(1), q.size(2), head_dim}, f32);
+    at::Tensor dq_accum = deterministic ? at::Tensor() : at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, f32);
 
     flash::BwdParams p{};
-    p.q = q_run.data_ptr();
-    p.k = k.data_ptr();
-    p.v = v.data_ptr();
+    set_problem(p, run, k, v);
     p.o = o.data_ptr();
     p.dout = dout.data_ptr();
     p.lse = lse.data_ptr<float>();
@@ -244,24 +253,13 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
     p.lse_log2 = lse_log2.data_ptr<float>();
     p.delta = delta.data_ptr<float>();
     p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
-    set_strides(p.q_batch_stride, p.q_head_stride, p.q_row_stride, q_run);
-    set_strides(p.k_batch_stride, p.k_head_stride, p.k_row_stride, k);
-    set_strides(p.v_batch_stride, p.v_head_stride, p.v_row_stride, v);
     set_strides(p.o_batch_stride, p.o_head_stride, p.o_row_stride, o);
     set_strides(p.do_batch_stride, p.do_head_stride, p.do_row_stride, dout);
     set_strides(p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, dq);
     set_strides(p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride, dk);
     set_strides(p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride, dv);
-    p.batch = static_cast<int>(q.size(0));
-    p.heads_q = static_cast<int>(q.size(1));
-    p.heads_kv = static_cast<int>(k.size(1));
-    p.seqlen_q = static_cast<int>(q.size(2));
-    p.seqlen_k = static_cast<int>(k.size(2));
     p.seqlen_q_padded = static_cast<int>(padded);
-    p.head_dim = static_cast<int>(head_dim);
-    p.scale = scale_run;
-    p.scale_log2 = scale_run * static_cast<float>(M_LOG2E);
-    p.dq_scale = scale < 0 ? -scale_run : scale_run;
+    p.dq_scale = scale < 0 ? -run.scale : run.scale;
 
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     run_kernels(BwdLaunch{p, deterministic, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);

@@ -115,12 +115,8 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
 
     // Query i sees keys j <= i + diag (causal, bottom-right aligned).
     const int diag = p.seqlen_k - p.seqlen_q;
-    const int n_end = kCausal ? max(0, min(p.seqlen_k, m0 + kBlockM + diag)) : p.seqlen_k;
-    const int n_tiles = ceil_div(n_end, kBlockN);
-    // Tiles from n_masked_from on need the mask: the ragged tail, and, when
-    // causal, every tile reaching past the last key the block's first row sees.
-    int n_masked_from = n_tiles * kBlockN > p.seqlen_k ? n_tiles - 1 : n_tiles;
-    if (kCausal) n_masked_from = min(n_masked_from, max(0, (m0 + diag + 1) / kBlockN));
+    const KeyTiles keys = key_tiles<kBlockM, kBlockN, kCausal>(m0, diag, p.seqlen_k);
+    const int n_tiles = keys.count, n_masked_from = keys.masked_from;
 
     auto load_k = [&](int tile, int stage) {
         const int n0 = tile * kBlockN;
@@ -391,21 +387,10 @@ constexpr int kLongestFirstMinBlocks = 16;
 constexpr int kLongestFirstMinHeads = 32;
 constexpr double kLongestFirstGroupBytes = 32.0 * 1024 * 1024;
 
-
 template <typename Tag, typename Tile, bool kCausal>
 void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
     auto kernel = fwd_kernel_sm80<typename DeviceType<Tag>::type, Tile, kCausal>;
-    int device = 0, smem_optin = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-               "cudaDeviceGetAttribute");
-    if (Tile::kSmemBytes > smem_optin) {
-        throw std::invalid_argument("flash_ext forward: head dim " + std::to_string(Tile::kHeadDim) + " needs " +
-                                    std::to_string(Tile::kSmemBytes) + " bytes of shared memory per block; "
-                                    "this GPU offers " + std::to_string(smem_optin));
-    }
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes),
-               "cudaFuncSetAttribute");
+    set_smem(kernel, Tile::kSmemBytes, "forward, head dim " + std::to_string(Tile::kHeadDim));
     // Causal blocks differ in work (block m sees about (m + 1)·kBlockM keys).
     // Launched head by head, the last heads' longest blocks start late and run
     // alone at the end of the grid; with many row blocks per head, the longest

@@ -144,6 +144,23 @@ struct LdmatrixLane {
     }
 };
 
+// The key tiles of kBlockN keys that query rows [m0, m0 + kBlockM) visit:
+// [0, count), of which those from masked_from on need the mask: the ragged
+// tail, and, when causal (query i sees key j <= i + diag, diag = Nk - Nq),
+// every tile reaching past the last key that row m0 sees.
+struct KeyTiles {
+    int count, masked_from;
+};
+
+template <int kBlockM, int kBlockN, bool kCausal>
+__device__ __forceinline__ KeyTiles key_tiles(int m0, int diag, int seqlen_k) {
+    const int n_end = kCausal ? max(0, min(seqlen_k, m0 + kBlockM + diag)) : seqlen_k;
+    const int count = ceil_div(n_end, kBlockN);
+    int masked_from = count * kBlockN > seqlen_k ? count - 1 : count;
+    if (kCausal) masked_from = min(masked_from, max(0, (m0 + diag + 1) / kBlockN));
+    return {count, masked_from};
+}
+
 // A warp writes a kRows x kCols tile that it staged in shared memory (in rows
 // no other warp touches) to global memory in coalesced 16-byte chunks: the
 // rows r with row0 + r < row_end and the columns below col_end, row r at
@@ -165,6 +182,23 @@ __device__ __forceinline__ void store_tile_warp(T* gmem, int64_t row_stride, con
 
 inline void check_cuda(cudaError_t err, const char* what) {
     if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+// Opt a kernel into `bytes` of dynamic shared memory per block, or say that
+// this GPU has too little (std::invalid_argument: a ValueError in Python).
+template <typename Kernel>
+void set_smem(Kernel kernel, int bytes, const std::string& what) {
+    int device = 0, smem_optin = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute");
+    if (bytes > smem_optin) {
+        throw std::invalid_argument("flash_ext " + what + ": needs " + std::to_string(bytes) +
+                                    " bytes of shared memory per block; this GPU offers " +
+                                    std::to_string(smem_optin));
+    }
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+               "cudaFuncSetAttribute");
 }
 
 }  // namespace flash

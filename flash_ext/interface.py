@@ -78,6 +78,12 @@ BUILT_HEAD_DIMS = tuple(_C.built_head_dims()) if _C is not None else ()
 KERNEL_ALIGN = 8  # elements: the kernels copy 16-byte chunks
 
 
+def _aligned_strides(x):
+    """The kernels copy 16-byte chunks: batch, head and seqlen strides in multiples of 8 elements
+    (a dim of size 1 has no stride to speak of)."""
+    return all(x.stride(i) % KERNEL_ALIGN == 0 or x.shape[i] == 1 for i in range(3))
+
+
 def _check_cuda_inputs(q, k, v):
     """What the CUDA kernels need beyond the general checks."""
     if _C is None:
@@ -98,7 +104,7 @@ def _check_cuda_inputs(q, k, v):
             f"flash_ext.attention: head_dim {d} needs a kernel built for head dims up to at least {d}; "
             f"this build has {list(BUILT_HEAD_DIMS)} (rebuild without FLASH_EXT_HEAD_DIMS, or with a larger one)")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if any(x.stride(i) % KERNEL_ALIGN != 0 and x.shape[i] > 1 for i in range(3)):
+        if not _aligned_strides(x):
             raise ValueError(
                 f"flash_ext.attention: {name} strides {x.stride()} must be multiples of {KERNEL_ALIGN} elements "
                 f"(16 bytes) in batch, heads and seqlen; call .contiguous() first")
@@ -138,8 +144,7 @@ def _fwd_fake(q, k, v, causal, scale, deterministic=False):
 
 def _kernel_ready(x):
     """x as the kernels take it: unit stride in head_dim, 16-byte aligned rows and start."""
-    aligned = all(x.stride(i) % KERNEL_ALIGN == 0 or x.shape[i] == 1 for i in range(3))
-    if x.stride(-1) == 1 and aligned and x.data_ptr() % 16 == 0:
+    if x.stride(-1) == 1 and _aligned_strides(x) and x.data_ptr() % 16 == 0:
         return x
     return x.contiguous()
 

@@ -13,28 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flash_ext
 from flash_ext import reference
 
+from cuda_grid import ABS_SLACK, DTYPES, HEAD_DIMS, LENGTHS, poison_outputs, rand  # noqa: F401 (autouse fixture)
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-DTYPES = [torch.bfloat16, torch.float16]
-HEAD_DIMS = [32, 64, 96, 128, 160, 192, 224, 256]
-# (Nq, Nk): awkward lengths, tiles that do not divide them, Nq != Nk both ways.
-LENGTHS = [(1, 1), (17, 17), (113, 113), (127, 127), (128, 128), (129, 129), (1000, 1000),
-           (4097, 4097), (113, 1000), (1000, 113), (1, 4097), (4097, 17)]
-ABS_SLACK = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """Every output is NaN-filled before the kernel runs: an unwritten element fails."""
-    if flash_ext.interface._C is not None:
-        flash_ext.interface._C.set_poison_outputs(True)
-    yield
-    if flash_ext.interface._C is not None:
-        flash_ext.interface._C.set_poison_outputs(False)
-
-
-def rand(*shape, dtype, gen):
-    return torch.randn(*shape, dtype=torch.float32, device="cuda", generator=gen).to(dtype)
 
 
 def make_qkv(b, hq, hkv, nq, nk, d, dtype, seed):

@@ -1,0 +1,30 @@
+"""What the CUDA kernel tests share: the grid of dtypes, head dims and lengths,
+the error slack, random inputs, and the NaN poisoning of every kernel output."""
+
+import pytest
+import torch
+
+import flash_ext
+
+DTYPES = [torch.bfloat16, torch.float16]
+HEAD_DIMS = [32, 64, 96, 128, 160, 192, 224, 256]
+# (Nq, Nk): awkward lengths, tiles that do not divide them, Nq != Nk both ways.
+LENGTHS = [(1, 1), (17, 17), (113, 113), (127, 127), (128, 128), (129, 129), (1000, 1000),
+           (4097, 4097), (113, 1000), (1000, 113), (1, 4097), (4097, 17)]
+ABS_SLACK = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """Every output is NaN-filled before the kernels run: an unwritten element fails.
+    Autouse in each test module that imports it."""
+    if flash_ext.interface._C is not None:
+        flash_ext.interface._C.set_poison_outputs(True)
+    yield
+    if flash_ext.interface._C is not None:
+        flash_ext.interface._C.set_poison_outputs(False)
+
+
+def rand(*shape, dtype, gen):
+    """Standard normal values drawn in float32 on the GPU, then cast."""
+    return torch.randn(*shape, dtype=torch.float32, device="cuda", generator=gen).to(dtype)
