@@ -68,9 +68,31 @@ struct BwdKVTileSm80 {
     static constexpr int kDqMTiles = kDqMTiles_;
     static constexpr int kDqRowGroups = kBlockM / (kDqMTiles * kMmaM);
     static constexpr int kDqCols = kHeadDim * kDqRowGroups / kWarps;
+    static constexpr int kDqTiles = kDqCols / kMmaN;  // 8-wide column tiles of dQ per warp
     static_assert(kWarps % kDqRowGroups == 0 && kDqCols % kMmaK == 0, "dQ warp layout");
     static_assert(2 * kBlockM / 4 <= kThreads, "one 16-byte chunk of L or D per thread");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+
+    // The dQ accumulator of one query block, kBlockM x kHeadDim floats, is
+    // stored in the order the warps add to it, not row by row: a thread adds
+    // kDqAdds float pairs, the pair (row g + 8r, columns 2t, 2t + 1) of each
+    // of its mma tiles (mt, nt), g = lane / 4, t = lane % 4; pair j = (2·mt + r)·kDqTiles + nt
+    // of lane l in warp w is at ((w·kDqAdds + j)·32 + l)·2, so each atomic
+    // instruction of a warp covers 256 contiguous bytes (row by row it would
+    // touch 8 rows, 8 cache lines: b6). The 8 columns of an 8-wide tile stay
+    // together, in order.
+    static constexpr int kDqAdds = kDqMTiles * 2 * kDqTiles;
+    __device__ static constexpr int dq_accum_offset(int warp, int j, int lane) {
+        return ((warp * kDqAdds + j) * kWarpSize + lane) * 2;
+    }
+    // Where element (row, col) of the block is.
+    __device__ static constexpr int dq_accum_offset_of(int row, int col) {
+        constexpr int kWarpRows = kDqMTiles * kMmaM;
+        const int warp = col / kDqCols * kDqRowGroups + row / kWarpRows;
+        const int mt = row % kWarpRows / kMmaM, r = row % kMmaM / 8, g = row % 8;
+        const int nt = col % kDqCols / kMmaN, t = col % kMmaN / 2;
+        return dq_accum_offset(warp, (2 * mt + r) * kDqTiles + nt, g * 4 + t) + col % 2;
+    }
 };
 
 // The tiles of the deterministic dQ kernel: a warp owns 16 query rows, the
@@ -112,10 +134,11 @@ struct BwdConfigSm80 {
 // A warp per query row (padding rows included):
 //   D = rowsum(dO ∘ O) − dL;  L2 = L·log2(e), +inf where L = −inf (a row that
 //   sees no key) and for padding, so P = exp2(c·S − L2) is 0 there;
-// and the row of the dQ accumulator zeroed.
+// and kHeadDim floats of the dQ accumulator zeroed (the row's share of its
+// query block, which is stored in another order: BwdKVTileSm80).
 constexpr int kPreprocessRows = 8;  // rows per block of bwd_preprocess_kernel, a warp each
 
-template <typename T>
+template <typename T, int kHeadDim>
 __global__ void bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
     constexpr int kRowsPerBlock = kPreprocessRows;
     const int lane = threadIdx.x % kWarpSize;
@@ -144,10 +167,10 @@ __global__ void bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
         }
 #pragma unroll
         for (int w = kWarpSize / 2; w >= 1; w /= 2) dot += __shfl_xor_sync(0xffffffff, dot, w);
-        if (p.dq_accum != nullptr) {
-            float* acc = p.dq_accum + (bh * p.seqlen_q + i) * p.head_dim;
-            for (int c = lane * 4; c < p.head_dim; c += kWarpSize * 4) *reinterpret_cast<float4*>(acc + c) = float4{};
-        }
+    }
+    if (p.dq_accum != nullptr) {
+        float* acc = p.dq_accum + row * kHeadDim;
+        for (int c = lane * 4; c < kHeadDim; c += kWarpSize * 4) *reinterpret_cast<float4*>(acc + c) = float4{};
     }
     if (lane == 0) {
         const int64_t at = bh * p.seqlen_q_padded + i;
@@ -157,9 +180,11 @@ __global__ void bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
     }
 }
 
-// dQ = dq_scale · dQ accumulator, in the input type, 8 elements per thread.
-template <typename T>
+// dQ = dq_scale · dQ accumulator, in the input type, 8 elements (8
+// consecutive floats of the accumulator, see BwdKVTileSm80) per thread.
+template <typename T, typename Tile>
 __global__ void bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
+    constexpr int kHeadDim = Tile::kHeadDim;
     const int chunks_per_row = p.head_dim / kChunk;
     const int64_t chunk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     const int64_t row = chunk / chunks_per_row;  // (batch · heads_q + head) · seqlen_q + i
@@ -168,7 +193,9 @@ __global__ void bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
     const int i = static_cast<int>(row % p.seqlen_q);
     const int head = static_cast<int>(row / p.seqlen_q % p.heads_q);
     const int batch = static_cast<int>(row / p.seqlen_q / p.heads_q);
-    const float4* acc = reinterpret_cast<const float4*>(p.dq_accum + row * p.head_dim + c);
+    const int64_t block = (row / p.seqlen_q * p.seqlen_q_padded + i) / Tile::kBlockM;  // its query block
+    const float4* acc = reinterpret_cast<const float4*>(p.dq_accum + block * Tile::kBlockM * kHeadDim
+                                                        + Tile::dq_accum_offset_of(i % Tile::kBlockM, c));
     const float4 lo = acc[0], hi = acc[1];
     uint4 out;
     out.x = pack2<T>(lo.x * p.dq_scale, lo.y * p.dq_scale);
@@ -236,11 +263,12 @@ struct RowCol {
 template <typename T, typename Tile, bool kCausal, bool kAtomicDq>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
+    constexpr int kHeadDim = Tile::kHeadDim;
     constexpr int kBlockM = Tile::kBlockM;
     constexpr int kBlockN = Tile::kBlockN;
     constexpr int kKeyTiles = Tile::kKeyTiles;           // 16-row (key) tiles of Sᵀ, dK, dV per warp
     constexpr int kSTiles = Tile::kWarpQueries / kMmaN;  // 8-wide column (query) tiles of Sᵀ, dPᵀ per warp
-    constexpr int kDSteps = Tile::kHeadDim / kMmaK;      // k-steps of Sᵀ = K Qᵀ and dPᵀ = V dOᵀ
+    constexpr int kDSteps = kHeadDim / kMmaK;            // k-steps of Sᵀ = K Qᵀ and dPᵀ = V dOᵀ
     constexpr int kMSteps = kBlockM / kMmaK;             // k-steps of dV += Pᵀ dO and dK += dSᵀ Q
     constexpr int kNSteps = kBlockN / kMmaK;             // k-steps of dQ += dS K
     constexpr int kOutTiles = Tile::kWarpCols / kMmaN;   // 8-wide column tiles of dK, dV per warp
@@ -280,11 +308,17 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
     const T* k_g = static_cast<const T*>(p.k) + batch * p.k_batch_stride + head_kv * p.k_head_stride;
     const T* v_g = static_cast<const T*>(p.v) + batch * p.v_batch_stride + head_kv * p.v_head_stride;
 
-    // Step `it` is query block m_first + it % m_count of query head head_kv·group + it / m_count.
-    auto head_of = [&](int it) { return head_kv * group + it / m_count; };
-    auto m0_of = [&](int it) { return (m_first + it % m_count) * kBlockM; };
-    auto load_q_do = [&](int it, int stage) {
-        const int head = head_of(it), m0 = m0_of(it);
+    // The steps walk query blocks m_first.. of query head head_kv·group, then
+    // of the group's next head, and so on (counted, not divided out of the step).
+    struct QueryBlock {
+        int head, m_block;
+    };
+    const QueryBlock first_block{head_kv * group, m_first};
+    auto next_block = [&](QueryBlock b) {
+        return b.m_block + 1 < m_blocks ? QueryBlock{b.head, b.m_block + 1} : QueryBlock{b.head + 1, m_first};
+    };
+    auto load_q_do = [&](QueryBlock b, int stage) {
+        const int head = b.head, m0 = b.m_block * kBlockM;
         const T* q_g = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride
                        + m0 * p.q_row_stride;
         const T* do_g = static_cast<const T*>(p.dout) + batch * p.do_batch_stride + head * p.do_head_stride
@@ -307,7 +341,7 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
     if (steps > 0) {
         load_tile_async<Tile, kBlockN>(k_smem, k_g + n0 * p.k_row_stride, p.k_row_stride, p.seqlen_k - n0, p.head_dim);
         load_tile_async<Tile, kBlockN>(v_smem, v_g + n0 * p.v_row_stride, p.v_row_stride, p.seqlen_k - n0, p.head_dim);
-        load_q_do(0, 0);
+        load_q_do(first_block, 0);
     }
     cp_async_commit();
 
@@ -356,13 +390,13 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
         }
     };
 
-    auto step = [&](int it, auto masked) {
+    auto step = [&](int it, QueryBlock block, QueryBlock next, auto masked) {
         constexpr bool kMasked = decltype(masked)::value;
         const int stage = it % 2;
-        const int m0 = m0_of(it);
+        const int m0 = block.m_block * kBlockM;
         cp_async_wait<0>();  // this step's Q, dO, L2, D (and K, V) have landed
         __syncthreads();     // and every warp is done with the previous step
-        if (it + 1 < steps) load_q_do(it + 1, 1 - stage);
+        if (it + 1 < steps) load_q_do(next, 1 - stage);
         cp_async_commit();
 
         const uint32_t q_off = stage * kQStageBytes;
@@ -434,7 +468,7 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
         if constexpr (kAtomicDq) {
             // dQ += dS K, each warp on kDqMTiles·16 query rows and kDqCols columns (see BwdKVTileSm80).
             constexpr int kDqMTiles = Tile::kDqMTiles;
-            constexpr int kDqTiles = Tile::kDqCols / kMmaN;
+            constexpr int kDqTiles = Tile::kDqTiles;
             float dq[kDqMTiles][kDqTiles][4] = {};  // dQ / scale, kDqMTiles·16 queries x kDqCols per warp
             warp_mma<T, kNSteps, kDqMTiles, kDqTiles, true>(
                 dq,
@@ -442,32 +476,34 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
                     ldmatrix_x4_trans(a, ds_at.at(ks * kMmaK, dq_row0 + mt * kMmaM));
                 },
                 k_bt, 0, [&](int ks, int j) { return RowCol{ks * kMmaK, dq_col0 + j * 2 * kMmaN}; });
-            const int head = head_of(it);
-            float* acc = p.dq_accum + (static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q * p.head_dim;
+            // The accumulator's padding rows and columns take the zeros of
+            // the padding queries and of K's padding: no bounds to check.
+            float* acc = p.dq_accum
+                         + ((static_cast<int64_t>(batch) * p.heads_q + block.head) * p.seqlen_q_padded + m0) * kHeadDim
+                         + Tile::dq_accum_offset(warp, 0, lane);
 #pragma unroll
             for (int mt = 0; mt < kDqMTiles; ++mt) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    const int query = m0 + dq_row0 + mt * kMmaM + lane / 4 + 8 * r;
-                    if (query >= p.seqlen_q) continue;
 #pragma unroll
                     for (int nt = 0; nt < kDqTiles; ++nt) {
-                        const int col = dq_col0 + nt * kMmaN + col_in_tile;
-                        if (col < p.head_dim) atomic_add2(acc + static_cast<int64_t>(query) * p.head_dim + col,
-                                                          dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
+                        const int j = (2 * mt + r) * kDqTiles + nt;
+                        atomic_add2(acc + Tile::dq_accum_offset(0, j, 0), dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
                     }
                 }
             }
         }
     };
 
+    QueryBlock block = first_block;
     for (int it = 0; it < steps; ++it) {
-        const int m_block = m_first + it % m_count;
-        if (key_tail || (kCausal && m_block < m_unmasked)) {
-            step(it, std::true_type{});
+        const QueryBlock next = next_block(block);
+        if (key_tail || (kCausal && block.m_block < m_unmasked)) {
+            step(it, block, next, std::true_type{});
         } else {
-            step(it, std::false_type{});
+            step(it, block, next, std::false_type{});
         }
+        block = next;
     }
     cp_async_wait<0>();
 
@@ -653,8 +689,8 @@ void launch_bwd_sm80(const BwdParams& p, bool deterministic, cudaStream_t stream
     using DqTile = typename BwdConfigSm80<kHeadDim>::DqTile;
     constexpr int kPreRows = kPreprocessRows;
     const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q_padded;
-    bwd_preprocess_kernel<T><<<static_cast<unsigned>((rows + kPreRows - 1) / kPreRows), kPreRows * kWarpSize, 0,
-                               stream>>>(p);
+    bwd_preprocess_kernel<T, kHeadDim><<<static_cast<unsigned>((rows + kPreRows - 1) / kPreRows),
+                                         kPreRows * kWarpSize, 0, stream>>>(p);
     check_cuda(cudaGetLastError(), "flash_ext backward preprocess launch");
 
     const dim3 kv_grid(ceil_div(p.seqlen_k, KVTile::kBlockN), p.heads_kv, p.batch);
@@ -675,8 +711,8 @@ void launch_bwd_sm80(const BwdParams& p, bool deterministic, cudaStream_t stream
         check_cuda(cudaGetLastError(), "flash_ext backward dK/dV/dQ launch");
         constexpr int kConvertThreads = 256;
         const int64_t chunks = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q * (p.head_dim / kChunk);
-        bwd_convert_dq_kernel<T><<<static_cast<unsigned>((chunks + kConvertThreads - 1) / kConvertThreads),
-                                   kConvertThreads, 0, stream>>>(p);
+        bwd_convert_dq_kernel<T, KVTile><<<static_cast<unsigned>((chunks + kConvertThreads - 1) / kConvertThreads),
+                                             kConvertThreads, 0, stream>>>(p);
         check_cuda(cudaGetLastError(), "flash_ext backward dQ conversion launch");
     }
 }

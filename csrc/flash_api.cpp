@@ -239,7 +239,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
     const auto f32 = q.options().dtype(at::kFloat);
     at::Tensor lse_log2 = at::empty({q.size(0), q.size(1), padded}, f32);
     at::Tensor delta = at::empty({q.size(0), q.size(1), padded}, f32);
-    at::Tensor dq_accum = deterministic ? at::Tensor() : at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, f32);
+    at::Tensor dq_accum = deterministic ? at::Tensor() : at::empty({q.size(0), q.size(1), padded, kernel_head_dim}, f32);
 
     flash::BwdParams p{};
     set_problem(p, run, k, v);

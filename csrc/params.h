@@ -63,7 +63,9 @@ struct BwdParams {
     // multiple of every query block) so the kernels copy whole blocks:
     float* lse_log2;  // (batch, heads_q, seqlen_q_padded): LSE·log2(e); +inf for rows that see no key and padding
     float* delta;     // (batch, heads_q, seqlen_q_padded): D = rowsum(dO ∘ O) - dLSE; 0 for padding
-    float* dq_accum;  // (batch, heads_q, seqlen_q, head_dim): dQ / scale, summed by atomics; nullptr if unused
+    float* dq_accum;  // (batch, heads_q, seqlen_q_padded, compiled head dim ≥ head_dim): dQ / scale, summed by
+                      // atomics (the padding takes zeros), each query block in the order of the dK/dV kernel's
+                      // warps (BwdKVTileSm80::dq_accum_offset); nullptr if unused
 
     int64_t q_batch_stride, q_head_stride, q_row_stride;
     int64_t k_batch_stride, k_head_stride, k_row_stride;

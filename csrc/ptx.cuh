@@ -117,6 +117,7 @@ __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
 // addr[0] += x, addr[1] += y in global memory, atomically: red.global.add.f32
 // (section "red"), one 8-byte vector reduction (.v2.f32) from sm_90 on, through
 // CUDA's atomicAdd, whose unused result makes it a red. addr is 8-byte aligned.
+// (Two scalar reductions measured 20-45% slower in the backward: b6.)
 __device__ __forceinline__ void atomic_add2(float* addr, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     atomicAdd(reinterpret_cast<float2*>(addr), make_float2(x, y));
