@@ -33,8 +33,10 @@ namespace flash {
 // and dSᵀ taken straight from the accumulators as in the forward's P V,
 // measured slower: bench/PERFORMANCE.md, b1-b3.) kKeyTiles = 2 lets each B
 // fragment of Q and dO feed two mma pairs (half the shared-memory reads per mma).
+// kQStages = 2: the next query block loads while this one computes; 1 (less
+// shared memory): it loads once dK += dSᵀ Q is done, during dQ += dS K.
 template <int kHeadDim_, int kBlockM_, int kKeyGroups_, int kKeyTiles_, int kSplit_, int kDqMTiles_,
-          int kMinBlocks_>
+          int kMinBlocks_, int kQStages_ = 2>
 struct BwdKVTileSm80 {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockM = kBlockM_;
@@ -48,6 +50,7 @@ struct BwdKVTileSm80 {
     static constexpr int kWarpQueries = kBlockM / kSplit;  // columns of Sᵀ, dPᵀ per warp
     static constexpr int kWarpCols = kHeadDim / kSplit;    // columns of dK, dV per warp
     static constexpr int kMinBlocks = kMinBlocks_;
+    static constexpr int kQStages = kQStages_;
     static constexpr bool kSwizzled = true;
     static constexpr int kRowStride = (kHeadDim + 63) / 64 * 64;
     // Pᵀ and dSᵀ in shared memory, kBlockN rows (keys) of kBlockM queries.
@@ -58,8 +61,10 @@ struct BwdKVTileSm80 {
     static constexpr int kQElems = kBlockM * kRowStride;    // Q or dO, one stage
     static constexpr int kKVElems = kBlockN * kRowStride;   // K or V
     static constexpr int kPElems = kBlockN * PLayout::kRowStride;
-    static constexpr int kSmemBytes = (2 * kKVElems + 4 * kQElems + 2 * kPElems) * 2 + 4 * kBlockM * 4;
+    static constexpr int kSmemBytes =
+        (2 * kKVElems + 2 * kQStages * kQElems + 2 * kPElems) * 2 + 2 * kQStages * kBlockM * 4;
 
+    static_assert(kQStages == 1 || kQStages == 2, "query block stages");
     static_assert(kSplit >= 2, "Pᵀ and dSᵀ are exchanged through shared memory");
     static_assert(kHeadDim % kMmaK == 0 && kWarpCols % kMmaK == 0, "head dim");
     static_assert(kBlockM % kMmaK == 0 && kWarpQueries % kMmaK == 0 && kBwdRowPad % kBlockM == 0, "query block");
@@ -115,20 +120,37 @@ struct BwdDqTileSm80 {
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
+// A dK/dV tile and a dQ tile for the deterministic pass.
+template <typename KVTile_, typename DqTile_>
+struct BwdTilesSm80 {
+    using KVTile = KVTile_;
+    using DqTile = DqTile_;
+    static constexpr int kSmemBytes = std::max(KVTile::kSmemBytes, DqTile::kSmemBytes);
+};
+
 // The backward's tile sizes per head dim: the one place they are chosen.
+// Fast: the H100's tiles (161-209 KB of shared memory per block; the A100
+// has 163 KB, sm_86/sm_89 99 KB). Small: within 99 KB, for the GPUs that do
+// not offer the fast tiles' shared memory (chosen at launch).
 template <int kHeadDim>
 struct BwdConfigSm80 {
-    // <head dim, kBlockM, kKeyGroups, kKeyTiles, kSplit, kDqMTiles, kMinBlocks>, 8 warps each. The
+    // <head dim, kBlockM, kKeyGroups, kKeyTiles, kSplit, kDqMTiles, kMinBlocks(, kQStages)>. The
     // head dims that are multiples of 64 split evenly into the wider warp tiles.
     static constexpr bool kEven = kHeadDim % 64 == 0;
     static constexpr int kDqMTiles = kEven ? 2 : 1;
-    using KVTile = std::conditional_t<
-        (kHeadDim <= 64), BwdKVTileSm80<kHeadDim, 128, 4, 2, 2, kDqMTiles, 1>,
-        std::conditional_t<(kHeadDim <= 128), BwdKVTileSm80<kHeadDim, 64, 4, 2, 2, kDqMTiles, 1>,
-                           std::conditional_t<kEven, BwdKVTileSm80<kHeadDim, 64, 2, 2, 4, 2, 1>,
-                                              BwdKVTileSm80<kHeadDim, 64, 4, 1, 2, 1, 1>>>>;
-    using DqTile = std::conditional_t<(kHeadDim <= 128), BwdDqTileSm80<kHeadDim, 4, 64, 2>,
-                                      BwdDqTileSm80<kHeadDim, 4, 32, 1>>;
+    using Fast = BwdTilesSm80<
+        std::conditional_t<(kHeadDim <= 64), BwdKVTileSm80<kHeadDim, 128, 4, 2, 2, kDqMTiles, 1>,
+                           std::conditional_t<(kHeadDim <= 128), BwdKVTileSm80<kHeadDim, 64, 4, 2, 2, kDqMTiles, 1>,
+                                              std::conditional_t<kEven, BwdKVTileSm80<kHeadDim, 64, 2, 2, 4, 2, 1>,
+                                                                 BwdKVTileSm80<kHeadDim, 64, 4, 1, 2, 1, 1>>>>,
+        std::conditional_t<(kHeadDim <= 128), BwdDqTileSm80<kHeadDim, 4, 64, 2>, BwdDqTileSm80<kHeadDim, 4, 32, 1>>>;
+    // Small: 32 query rows and, above head dim 128, 32 keys and one query-block stage (dQ pass: 16 keys).
+    using Small = BwdTilesSm80<
+        std::conditional_t<(kHeadDim <= 64), BwdKVTileSm80<kHeadDim, 64, 4, 2, 2, kDqMTiles, 1>,
+                           std::conditional_t<(kHeadDim <= 128), BwdKVTileSm80<kHeadDim, 32, 2, 2, 2, kDqMTiles, 1>,
+                                              BwdKVTileSm80<kHeadDim, 32, 2, 1, 2, 1, 1, 1>>>,
+        std::conditional_t<(kHeadDim <= 128), BwdDqTileSm80<kHeadDim, 4, 64, 2>, BwdDqTileSm80<kHeadDim, 4, 16, 1>>>;
+    static_assert(Small::kSmemBytes <= 99 * 1024, "the small tiles fit every sm_8x GPU");
 };
 
 // A warp per query row (padding rows included):
@@ -277,12 +299,12 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     T* k_smem = reinterpret_cast<T*>(smem_raw);      // [kBlockN][kRowStride]
     T* v_smem = k_smem + Tile::kKVElems;              // [kBlockN][kRowStride]
-    T* q_smem = v_smem + Tile::kKVElems;              // [2][kBlockM][kRowStride]
-    T* do_smem = q_smem + 2 * Tile::kQElems;          // [2][kBlockM][kRowStride]
-    T* pt_smem = do_smem + 2 * Tile::kQElems;         // [kBlockN][PLayout::kRowStride]: Pᵀ
+    T* q_smem = v_smem + Tile::kKVElems;              // [kQStages][kBlockM][kRowStride]
+    T* do_smem = q_smem + Tile::kQStages * Tile::kQElems;   // [kQStages][kBlockM][kRowStride]
+    T* pt_smem = do_smem + Tile::kQStages * Tile::kQElems;  // [kBlockN][PLayout::kRowStride]: Pᵀ
     T* ds_smem = pt_smem + Tile::kPElems;             // [kBlockN][PLayout::kRowStride]: dSᵀ
-    float* lse_smem = reinterpret_cast<float*>(ds_smem + Tile::kPElems);  // [2][kBlockM]: L·log2(e)
-    float* delta_smem = lse_smem + 2 * kBlockM;                            // [2][kBlockM]: D
+    float* lse_smem = reinterpret_cast<float*>(ds_smem + Tile::kPElems);  // [kQStages][kBlockM]: L·log2(e)
+    float* delta_smem = lse_smem + Tile::kQStages * kBlockM;               // [kQStages][kBlockM]: D
 
     const int n_block = blockIdx.x, head_kv = blockIdx.y, batch = blockIdx.z;
     const int group = p.heads_q / p.heads_kv;
@@ -392,12 +414,14 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
 
     auto step = [&](int it, QueryBlock block, QueryBlock next, auto masked) {
         constexpr bool kMasked = decltype(masked)::value;
-        const int stage = it % 2;
+        const int stage = it % Tile::kQStages;
         const int m0 = block.m_block * kBlockM;
         cp_async_wait<0>();  // this step's Q, dO, L2, D (and K, V) have landed
         __syncthreads();     // and every warp is done with the previous step
-        if (it + 1 < steps) load_q_do(next, 1 - stage);
-        cp_async_commit();
+        if constexpr (Tile::kQStages == 2) {
+            if (it + 1 < steps) load_q_do(next, 1 - stage);
+            cp_async_commit();
+        }
 
         const uint32_t q_off = stage * kQStageBytes;
         const float* lse_s = lse_smem + stage * kBlockM + q_col0;
@@ -464,6 +488,11 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
         warp_mma<T, kMSteps, kKeyTiles, kOutTiles, true>(dk_acc, dst_frag, q_bt, q_off, [&](int ks, int j) {
             return RowCol{ks * kMmaK, d_col0 + j * 2 * kMmaN};
         });
+        if constexpr (Tile::kQStages == 1) {
+            __syncthreads();  // every warp is done with Q, dO, L2 and D
+            if (it + 1 < steps) load_q_do(next, 0);
+            cp_async_commit();
+        }
 
         if constexpr (kAtomicDq) {
             // dQ += dS K, each warp on kDqMTiles·16 query rows and kDqCols columns (see BwdKVTileSm80).
@@ -682,11 +711,12 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
     store_tile_warp<Tile, kMmaM, Tile::kHeadDim>(dq_g, p.dq_row_stride, dq_stage, warp_m0, p.seqlen_q, p.head_dim);
 }
 
-template <typename Tag, int kHeadDim, bool kCausal>
-void launch_bwd_sm80(const BwdParams& p, bool deterministic, cudaStream_t stream) {
+template <typename Tag, typename Tiles, bool kCausal>
+void launch_bwd_sm80_tiles(const BwdParams& p, bool deterministic, cudaStream_t stream) {
     using T = typename DeviceType<Tag>::type;
-    using KVTile = typename BwdConfigSm80<kHeadDim>::KVTile;
-    using DqTile = typename BwdConfigSm80<kHeadDim>::DqTile;
+    using KVTile = typename Tiles::KVTile;
+    using DqTile = typename Tiles::DqTile;
+    constexpr int kHeadDim = KVTile::kHeadDim;
     constexpr int kPreRows = kPreprocessRows;
     const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q_padded;
     bwd_preprocess_kernel<T, kHeadDim><<<static_cast<unsigned>((rows + kPreRows - 1) / kPreRows),
@@ -712,8 +742,19 @@ void launch_bwd_sm80(const BwdParams& p, bool deterministic, cudaStream_t stream
         constexpr int kConvertThreads = 256;
         const int64_t chunks = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q * (p.head_dim / kChunk);
         bwd_convert_dq_kernel<T, KVTile><<<static_cast<unsigned>((chunks + kConvertThreads - 1) / kConvertThreads),
-                                             kConvertThreads, 0, stream>>>(p);
+                                           kConvertThreads, 0, stream>>>(p);
         check_cuda(cudaGetLastError(), "flash_ext backward dQ conversion launch");
+    }
+}
+
+// The fast tiles where the GPU offers their shared memory, the small ones otherwise.
+template <typename Tag, int kHeadDim, bool kCausal>
+void launch_bwd_sm80(const BwdParams& p, bool deterministic, cudaStream_t stream) {
+    using Config = BwdConfigSm80<kHeadDim>;
+    if (Config::Fast::kSmemBytes <= smem_optin()) {
+        launch_bwd_sm80_tiles<Tag, typename Config::Fast, kCausal>(p, deterministic, stream);
+    } else {
+        launch_bwd_sm80_tiles<Tag, typename Config::Small, kCausal>(p, deterministic, stream);
     }
 }
 

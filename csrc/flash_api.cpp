@@ -282,4 +282,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("built_head_dims", &built_head_dims, "Head dims the kernels were compiled for");
     m.def("set_poison_outputs", [](bool on) { g_poison_outputs = on; },
           "Testing: fill outputs with NaN before each kernel runs");
+    m.def("set_smem_cap", [](int bytes) { flash::smem_cap_for_testing = bytes; },
+          "Testing: run as on a GPU that offers this much shared memory per block (0: the GPU's own)");
 }

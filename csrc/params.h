@@ -85,6 +85,10 @@ struct BwdParams {
     float dq_scale;    // dQ = dq_scale · dS K: the scale, with the sign of the caller's (q's sign was flipped)
 };
 
+// Tests set this (bytes; 0: off) to run the kernels as on a GPU that offers
+// only this much shared memory per block: the backward then takes its small tiles.
+inline int smem_cap_for_testing = 0;
+
 // The query block of every backward kernel divides this (see seqlen_q_padded).
 inline constexpr int kBwdRowPad = 128;
 

@@ -3,6 +3,7 @@
 // lane addresses and warp reductions.
 #pragma once
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -184,14 +185,21 @@ inline void check_cuda(cudaError_t err, const char* what) {
     if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
+// The dynamic shared memory a block may opt into on the current GPU (or
+// smem_cap_for_testing, when set and lower).
+inline int smem_optin() {
+    int device = 0, bytes = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute");
+    return smem_cap_for_testing > 0 ? std::min(bytes, smem_cap_for_testing) : bytes;
+}
+
 // Opt a kernel into `bytes` of dynamic shared memory per block, or say that
 // this GPU has too little (std::invalid_argument: a ValueError in Python).
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes, const std::string& what) {
-    int device = 0, smem_optin = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-               "cudaDeviceGetAttribute");
+    const int smem_optin = flash::smem_optin();
     if (bytes > smem_optin) {
         throw std::invalid_argument("flash_ext " + what + ": needs " + std::to_string(bytes) +
                                     " bytes of shared memory per block; this GPU offers " +

@@ -102,6 +102,34 @@ def test_backward_deterministic_grid(d, causal, nq, nk):
     check_backward(*make_inputs(2, 3, 3, nq, nk, d, torch.bfloat16, seed), causal, deterministic=True)
 
 
+@pytest.fixture
+def small_smem():
+    """Run as on a GPU with 99 KB of shared memory per block (sm_86, sm_89): the backward's
+    small tiles, which the A100 also takes above head dim 128. A fast tile would not launch."""
+    flash_ext.interface._C.set_smem_cap(99 * 1024)
+    yield
+    flash_ext.interface._C.set_smem_cap(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (17, 17), (129, 129), (1000, 1000), (1000, 113), (113, 1000)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_small_tiles(small_smem, dtype, d, causal, nq, nk, deterministic):
+    seed = zlib.crc32(repr(("small", dtype, d, causal, nq, nk, deterministic)).encode())
+    check_backward(*make_inputs(2, 3, 3, nq, nk, d, dtype, seed), causal, deterministic=deterministic)
+
+
+def test_small_smem_is_enforced(small_smem):
+    """The cap acts like a smaller GPU: a kernel that needs more raises, so the test above
+    fails if the backward picks a fast tile."""
+    q = torch.randn(1, 2, 200, 128, dtype=torch.bfloat16, device="cuda")
+    flash_ext.interface._C.set_smem_cap(64 * 1024)  # below even the small tiles
+    with pytest.raises(ValueError, match="shared memory"):
+        flash_ext.interface._C.bwd(q, q, q, q, q, torch.zeros(1, 2, 200, device="cuda"), None, False, 0.1, False)
+
+
 @pytest.mark.parametrize("d", [40, 72, 136, 200])
 def test_head_dims_between_compiled_sizes(d):
     check_backward(*make_inputs(2, 2, 2, 129, 200, d, torch.bfloat16, d), causal=True)
@@ -188,6 +216,18 @@ def test_deterministic_bitwise(hq, hkv, causal):
     finally:
         torch.use_deterministic_algorithms(prev)
     assert all(torch.equal(a, b) for a, b in zip(first, via_torch))
+
+
+@pytest.mark.parametrize("b,nq,nk", [(1, 0, 50), (1, 50, 0), (0, 50, 50)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_empty_and_zero_length(b, nq, nk, deterministic):
+    """No query, no key or no batch: gradients of the inputs' shapes, all zero (no key: O = 0
+    whatever q, k, v are)."""
+    q, k, v, do = make_inputs(b, 2, 2, nq, nk, 64, torch.bfloat16, 30 + nq + 2 * nk + 3 * b)
+    grads = flash_grads(q, k, v, do, causal=False, deterministic=deterministic)
+    for g, x in zip(grads, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype and g.device == x.device
+        assert torch.all(g == 0)
 
 
 def test_cuda_graph_capture():
