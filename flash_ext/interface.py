@@ -151,11 +151,13 @@ def _kernel_ready(x):
 
 @torch.library.custom_op("flash_ext::bwd", mutates_args=())
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-         lse: torch.Tensor, dlse: torch.Tensor, causal: bool, scale: float, deterministic: bool = False
+         lse: torch.Tensor, dlse: torch.Tensor | None, causal: bool, scale: float, deterministic: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dlse: the gradient of the LSE output, or None where the LSE was not used."""
     if q.is_cuda:
         # dO arrives in whatever layout autograd made (expanded, say); dlse as well.
-        dq, dk, dv = _C.bwd(_kernel_ready(do), q, k, v, o, lse, dlse.contiguous(), causal, scale, deterministic)
+        dlse = None if dlse is None else dlse.contiguous()
+        dq, dk, dv = _C.bwd(_kernel_ready(do), q, k, v, o, lse, dlse, causal, scale, deterministic)
         return dq, dk, dv
     dq, dk, dv = reference.attention_backward(do, q, k, v, o, lse, causal=causal, scale=scale, dlse=dlse)
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
@@ -177,8 +179,6 @@ def _backward(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    if dlse is None:
-        dlse = torch.zeros_like(lse)
     dq, dk, dv = _bwd(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale, ctx.deterministic)
     return dq, dk, dv, None, None, None
 
