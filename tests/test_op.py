@@ -17,21 +17,23 @@ def qkv(b, hq, hkv, nq, nk, d, device, dtype, seed):
                  for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
 
 
-def run_opcheck(q, k, v, causal, scale):
+def run_opcheck(q, k, v, causal, scale, dlse_options=("given",)):
     checks = opcheck(torch.ops.flash_ext.fwd.default, (q, k, v, causal, scale))
     assert all(result == "SUCCESS" for result in checks.values()), checks
     # The backward op has no derivative of its own (no double backward).
     q, k, v = q.detach(), k.detach(), v.detach()
     o, lse = torch.ops.flash_ext.fwd(q, k, v, causal, scale)
-    do, dlse = torch.randn_like(o), torch.randn_like(lse)
-    checks = opcheck(torch.ops.flash_ext.bwd.default, (do, q, k, v, o, lse, dlse, causal, scale))
-    assert all(result == "SUCCESS" for result in checks.values()), checks
+    do = torch.randn_like(o)
+    for option in dlse_options:  # dlse is None where the LSE output was not used
+        dlse = torch.randn_like(lse) if option == "given" else None
+        checks = opcheck(torch.ops.flash_ext.bwd.default, (do, q, k, v, o, lse, dlse, causal, scale))
+        assert all(result == "SUCCESS" for result in checks.values()), (option, checks)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_cpu(causal):
     q, k, v = qkv(2, 4, 2, 33, 40, 16, "cpu", torch.float64, 1)
-    run_opcheck(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal, 0.25)
+    run_opcheck(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal, 0.25, ("given", None))
 
 
 @CUDA
