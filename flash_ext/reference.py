@@ -23,8 +23,14 @@ Backward recomputes P tile by tile from the LSE saved by the forward:
     dV += Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP - D)
     dQ += scale · dS K,  dK += scale · dSᵀ Q
 
-Causal masking is aligned to the bottom-right corner: query i sees key j when
-j <= i + Nk - Nq. A row that sees no key has output 0 and LSE -inf.
+Which keys a query sees, with diag = Nk - Nq (aligned to the bottom-right corner):
+causal, key j when j <= i + diag; a window (left, right), keys i + diag - left to
+i + diag + right, -1 leaving that side unbounded (causal and a window: both hold).
+Key tiles that no row of a query tile sees are skipped, and query tiles likewise
+in the backward. A row that sees no key has output 0 and LSE -inf.
+
+Soft-capping (softcap > 0) replaces each score s by softcap · tanh(s / softcap)
+before the softmax; its gradient multiplies dS by 1 - tanh².
 
 Low-precision inputs (fp16, bf16) are computed tile by tile in float32 and the
 results cast back; float32 and float64 inputs are computed in their own dtype.
@@ -47,18 +53,65 @@ def default_scale(head_dim):
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
-def causal_mask(q_start, q_end, k_start, k_end, nq, nk, device):
-    """True where query i (global row) may see key j: j <= i + nk - nq."""
+def band(causal, window):
+    """(left, right), each None when unbounded: query i sees keys j with
+    i + diag - left <= j <= i + diag + right. window is (left, right) with -1 for
+    unbounded, or None; causal caps right at 0."""
+    left, right = (-1, -1) if window is None else window
+    left, right = (None if left < 0 else left), (None if right < 0 else right)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def visible_mask(q_start, q_end, k_start, k_end, nq, nk, device, causal=False, window=None):
+    """(q_end - q_start, k_end - k_start) bool: True where query i (a global row) sees key j."""
+    left, right = band(causal, window)
     rows = torch.arange(q_start, q_end, device=device)[:, None]
     cols = torch.arange(k_start, k_end, device=device)[None, :]
-    return cols <= rows + (nk - nq)
+    offset = cols - (rows + (nk - nq))  # j - (i + diag)
+    mask = torch.ones_like(offset, dtype=torch.bool)
+    if right is not None:
+        mask &= offset <= right
+    if left is not None:
+        mask &= offset >= -left
+    return mask
 
 
-def last_visible_key(q_end, nq, nk, causal):
-    """One past the last key any of the rows before q_end may see."""
-    if not causal:
-        return nk
-    return max(0, min(nk, q_end + nk - nq))
+def causal_mask(q_start, q_end, k_start, k_end, nq, nk, device):
+    """True where query i (global row) may see key j: j <= i + nk - nq."""
+    return visible_mask(q_start, q_end, k_start, k_end, nq, nk, device, causal=True)
+
+
+def visible_keys(q_start, q_end, nq, nk, causal=False, window=None):
+    """[start, end): the keys that some row of q_start..q_end-1 sees (empty: start >= end)."""
+    left, right = band(causal, window)
+    diag = nk - nq
+    start = 0 if left is None else max(0, q_start + diag - left)
+    end = nk if right is None else max(0, min(nk, q_end - 1 + diag + right + 1))
+    return start, end
+
+
+def visible_queries(k_start, k_end, nq, nk, causal=False, window=None):
+    """[start, end): the queries that see some key of k_start..k_end-1."""
+    left, right = band(causal, window)
+    diag = nk - nq
+    start = 0 if right is None else max(0, k_start - diag - right)
+    end = nq if left is None else max(0, min(nq, k_end - 1 - diag + left + 1))
+    return start, end
+
+
+def _masked_scores(q_tile, k_tile, scale, softcap, visible):
+    """S = scale · Q Kᵀ, soft-capped, and -inf where not visible (None: all visible).
+    Returns (S, tanh of the capped scores or None)."""
+    s = _scores(q_tile, k_tile, scale)
+    t = None
+    if softcap:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    if visible is not None:
+        s = s.masked_fill(~visible, -math.inf)
+    return s, t
 
 
 def _group_queries(x, hkv):
@@ -89,9 +142,9 @@ def online_softmax_step(s, m, l):
     return p, m_new, l_new, alpha
 
 
-def _problem(q, k, v, scale, block_q, block_k):
-    """Check the shapes and tile sizes; return the sizes (b, hq, nq, d, hkv, nk, g), the
-    scale and the accumulation dtype shared by the forward and the backward."""
+def _problem(q, k, v, scale, block_q, block_k, window=None, softcap=None):
+    """Check the shapes, tile sizes, window and cap; return the sizes (b, hq, nq, d, hkv, nk, g),
+    the scale and the accumulation dtype shared by the forward and the backward."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("reference: q, k, v must be 4-D (batch, heads, seqlen, head_dim)")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
@@ -100,15 +153,21 @@ def _problem(q, k, v, scale, block_q, block_k):
         raise ValueError(f"reference: Hq={q.shape[1]} is not a multiple of Hkv={k.shape[1]}")
     if block_q < 1 or block_k < 1:
         raise ValueError("reference: tile sizes must be at least 1")
+    if window is not None and (len(window) != 2 or any(int(w) != w or w < -1 for w in window)):
+        raise ValueError(f"reference: window must be (left, right), integers >= -1 (-1: unbounded), got {window}")
+    if softcap is not None and not softcap >= 0:
+        raise ValueError(f"reference: softcap must be >= 0 (0 or None: off), got {softcap}")
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     scale = default_scale(d) if scale is None else float(scale)
     return (b, hq, nq, d, hkv, nk, hq // hkv), scale, compute_dtype(q.dtype)
 
 
-def attention_forward(q, k, v, *, causal=False, scale=None, block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK):
+def attention_forward(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
+                      block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK):
     """Tiled forward. Returns (O in q's dtype, LSE (B, Hq, Nq) in natural log)."""
-    (b, hq, nq, d, hkv, nk, g), scale, acc_dtype = _problem(q, k, v, scale, block_q, block_k)
+    (b, hq, nq, d, hkv, nk, g), scale, acc_dtype = _problem(q, k, v, scale, block_q, block_k, window, softcap)
+    masked = causal or band(causal, window) != (None, None)
 
     qg = _group_queries(q, hkv)
     out = torch.empty((b, hkv, g, nq, d), dtype=q.dtype, device=q.device)
@@ -120,13 +179,12 @@ def attention_forward(q, k, v, *, causal=False, scale=None, block_q=DEFAULT_BLOC
         m = torch.full((b, hkv, g, q1 - q0), -math.inf, dtype=acc_dtype, device=q.device)
         l = torch.zeros_like(m)
         acc = torch.zeros((b, hkv, g, q1 - q0, d), dtype=acc_dtype, device=q.device)
-        # Causal: key tiles wholly above the diagonal are never visited.
-        for k0 in range(0, last_visible_key(q1, nq, nk, causal), block_k):
+        # Key tiles that no row of this tile sees are never visited.
+        k_start, k_end = visible_keys(q0, q1, nq, nk, causal, window)
+        for k0 in range((k_start // block_k) * block_k, k_end, block_k):
             k1 = min(k0 + block_k, nk)
-            s = _scores(q_tile, k[:, :, k0:k1].to(acc_dtype), scale)
-            if causal:
-                visible = causal_mask(q0, q1, k0, k1, nq, nk, q.device)
-                s = s.masked_fill(~visible, -math.inf)
+            visible = visible_mask(q0, q1, k0, k1, nq, nk, q.device, causal, window) if masked else None
+            s, _ = _masked_scores(q_tile, k[:, :, k0:k1].to(acc_dtype), scale, softcap, visible)
             p, m, l, alpha = online_softmax_step(s, m, l)
             # O = α·O + P V
             acc = alpha[..., None] * acc + torch.einsum("bhgqk,bhkd->bhgqd", p, v[:, :, k0:k1].to(acc_dtype))
@@ -137,14 +195,15 @@ def attention_forward(q, k, v, *, causal=False, scale=None, block_q=DEFAULT_BLOC
     return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
 
 
-def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, dlse=None,
+def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, window=None, softcap=None, dlse=None,
                        block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK):
     """Tiled backward from the forward's O and LSE. Returns (dQ, dK, dV) in the inputs' dtype.
 
     dlse, if given, is the gradient flowing into the LSE output. Since
     dLSEᵢ/dSᵢⱼ = Pᵢⱼ, it enters as dS = P ∘ (dP - (D - dLSE)): only D changes.
     """
-    (b, hq, nq, d, hkv, nk, g), scale, acc_dtype = _problem(q, k, v, scale, block_q, block_k)
+    (b, hq, nq, d, hkv, nk, g), scale, acc_dtype = _problem(q, k, v, scale, block_q, block_k, window, softcap)
+    masked = causal or band(causal, window) != (None, None)
 
     qg = _group_queries(q, hkv)
     dog = _group_queries(do, hkv)
@@ -164,16 +223,14 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, dlse=No
         k1 = min(k0 + block_k, nk)
         k_tile = k[:, :, k0:k1].to(acc_dtype)
         v_tile = v[:, :, k0:k1].to(acc_dtype)
-        # Causal: the first query row that sees key k0 is k0 - (nk - nq).
-        first_q = max(0, k0 - (nk - nq)) if causal else 0
-        for q0 in range((first_q // block_q) * block_q, nq, block_q):
+        # Query tiles that see no key of this tile are never visited.
+        q_start, q_end = visible_queries(k0, k1, nq, nk, causal, window)
+        for q0 in range((q_start // block_q) * block_q, q_end, block_q):
             q1 = min(q0 + block_q, nq)
             q_tile = qg[:, :, :, q0:q1].to(acc_dtype)
             do_tile = dog[:, :, :, q0:q1].to(acc_dtype)
-            s = _scores(q_tile, k_tile, scale)
-            if causal:
-                visible = causal_mask(q0, q1, k0, k1, nq, nk, q.device)
-                s = s.masked_fill(~visible, -math.inf)
+            visible = visible_mask(q0, q1, k0, k1, nq, nk, q.device, causal, window) if masked else None
+            s, t = _masked_scores(q_tile, k_tile, scale, softcap, visible)
             # P = exp(S - LSE)
             p = torch.exp(s - lse_g[:, :, :, q0:q1, None])
             # dV += Pᵀ dO, summed over the query heads of the group
@@ -181,6 +238,8 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, scale=None, dlse=No
             # dP = dO Vᵀ;  dS = P ∘ (dP - D)
             dp = torch.einsum("bhgqd,bhkd->bhgqk", do_tile, v_tile)
             ds = p * (dp - delta[:, :, :, q0:q1, None])
+            if t is not None:  # through the cap: d(softcap · tanh(x / softcap)) / dx = 1 - tanh²
+                ds = ds * (1 - t * t)
             # dQ += scale · dS K;  dK += scale · dSᵀ Q
             dq[:, :, :, q0:q1] += scale * torch.einsum("bhgqk,bhkd->bhgqd", ds, k_tile)
             dk[:, :, k0:k1] += scale * torch.einsum("bhgqk,bhgqd->bhkd", ds, q_tile)

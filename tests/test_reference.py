@@ -52,16 +52,22 @@ def make_qkv(b, hq, hkv, nq, nk, d, seed, dtype=F64, requires_grad=False):
     return q, k, v
 
 
-def visible_mask(nq, nk, causal):
-    """(nq, nk) bool: True where query i may see key j (bottom-right causal alignment)."""
-    i = torch.arange(nq)[:, None]
-    j = torch.arange(nk)[None, :]
-    if not causal:
-        return torch.ones(nq, nk, dtype=torch.bool)
-    return j <= i + nk - nq
+def visible_mask(nq, nk, causal, window=None):
+    """(nq, nk) bool: True where query i may see key j (bottom-right alignment, diag = nk - nq):
+    causal, j <= i + diag; window (left, right), i + diag - left <= j <= i + diag + right, -1 unbounded."""
+    offset = torch.arange(nk)[None, :] - (torch.arange(nq)[:, None] + nk - nq)
+    mask = torch.ones(nq, nk, dtype=torch.bool)
+    left, right = (-1, -1) if window is None else window
+    if causal:
+        mask &= offset <= 0
+    if right >= 0:
+        mask &= offset <= right
+    if left >= 0:
+        mask &= offset >= -left
+    return mask
 
 
-def oracle(q, k, v, causal=False, scale=None):
+def oracle(q, k, v, causal=False, scale=None, window=None, softcap=None):
     """Untiled attention in float64: (O, LSE), differentiable, NaN-free for rows that see no key."""
     q, k, v = q.to(F64), k.to(F64), v.to(F64)
     hq, hkv, nq, nk, d = q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
@@ -69,7 +75,9 @@ def oracle(q, k, v, causal=False, scale=None):
     k = k.repeat_interleave(hq // hkv, dim=1)
     v = v.repeat_interleave(hq // hkv, dim=1)
     s = scale * (q @ k.transpose(-1, -2))
-    mask = visible_mask(nq, nk, causal)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    mask = visible_mask(nq, nk, causal, window)
     s = s.masked_fill(~mask, -math.inf)
     empty = ~mask.any(dim=-1)                       # rows that see no key
     s = s.masked_fill(empty[:, None], 0.0)          # keep their softmax finite; zeroed below
@@ -245,9 +253,9 @@ def test_online_softmax_step_all_masked_rows():
 
 # ---------------------------------------------------- backward, float64 ----
 
-def oracle_grads(q, k, v, do, dlse, causal, scale=None):
+def oracle_grads(q, k, v, do, dlse, causal, scale=None, window=None, softcap=None):
     q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    o, lse = oracle(q, k, v, causal, scale)
+    o, lse = oracle(q, k, v, causal, scale, window, softcap)
     outs, grads = [o], [do]
     if dlse is not None:
         outs.append(lse)
@@ -450,3 +458,98 @@ def test_api_gradcheck(case):
         return flash_ext.attention(q, k, v, causal=causal, scale=0.8, return_lse=return_lse)
 
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+# ------------------------------------------- sliding window and soft-capping ----
+
+# (left, right); -1: unbounded on that side
+WINDOWS = [(-1, -1), (0, 0), (3, -1), (-1, 2), (5, 7), (0, -1), (16, 0), (1000, 1000), (2, 40)]
+
+
+def window_id(w):
+    return "w{}:{}".format(*w)
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=window_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_window_forward_and_backward_match_oracle(case, causal, window):
+    b, hq, hkv, nq, nk, d, bq, bk = case
+    seed = (hash((case, causal, window)) + 7) % 2**31
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=seed)
+    g = gen(seed + 1)
+    do, dlse = randn(q.shape, g), randn(q.shape[:3], g)
+    o, lse = reference.attention_forward(q, k, v, causal=causal, window=window, block_q=bq, block_k=bk)
+    want_o, want_lse = oracle(q, k, v, causal, window=window)
+    assert max_err(o, want_o) < TOL and max_err(lse, want_lse) < TOL
+    assert_finite_or_neginf_lse(lse)
+    grads = reference.attention_backward(do, q, k, v, o, lse, causal=causal, window=window, dlse=dlse,
+                                         block_q=bq, block_k=bk)
+    for name, got, exp in zip("qkv", grads, oracle_grads(q, k, v, do, dlse, causal, window=window)):
+        assert not torch.isnan(got).any(), name
+        assert max_err(got, exp) < TOL, name
+
+
+@pytest.mark.parametrize("softcap", [0.5, 5.0, 50.0])
+@pytest.mark.parametrize("window", [(-1, -1), (4, 3)], ids=window_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 2, 3, 4, 5, 6, 10)], ids=case_id)
+def test_softcap_forward_and_backward_match_oracle(case, causal, window, softcap):
+    b, hq, hkv, nq, nk, d, bq, bk = case
+    seed = (hash((case, causal, window, softcap)) + 11) % 2**31
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=seed)
+    q = q * 3  # scores beyond the cap, where tanh bends
+    g = gen(seed + 1)
+    do, dlse = randn(q.shape, g), randn(q.shape[:3], g)
+    o, lse = reference.attention_forward(q, k, v, causal=causal, window=window, softcap=softcap,
+                                         block_q=bq, block_k=bk)
+    want_o, want_lse = oracle(q, k, v, causal, window=window, softcap=softcap)
+    assert max_err(o, want_o) < TOL and max_err(lse, want_lse) < TOL
+    grads = reference.attention_backward(do, q, k, v, o, lse, causal=causal, window=window, softcap=softcap,
+                                         dlse=dlse, block_q=bq, block_k=bk)
+    for name, got, exp in zip("qkv", grads, oracle_grads(q, k, v, do, dlse, causal, window=window,
+                                                         softcap=softcap)):
+        assert max_err(got, exp) < TOL, name
+
+
+def test_softcap_changes_the_result():
+    q, k, v = make_qkv(1, 2, 2, 9, 11, 4, seed=91)
+    o, _ = reference.attention_forward(q * 3, k, v)
+    capped, _ = reference.attention_forward(q * 3, k, v, softcap=0.5)
+    assert max_err(o, capped) > 1e-2
+    same, _ = reference.attention_forward(q * 3, k, v, softcap=0.0)  # 0: off
+    assert torch.equal(o, same)
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=window_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("nq,nk", [(17, 17), (5, 40), (40, 5), (1, 9), (9, 1)])
+def test_visible_ranges_cover_exactly_the_band(nq, nk, causal, window):
+    """The key range of a query tile (and the query range of a key tile) that the reference visits is the
+    span of the visible entries: nothing visible is skipped, and ranges with nothing visible are empty."""
+    mask = visible_mask(nq, nk, causal, window)
+    for q0 in range(nq):
+        for q1 in range(q0 + 1, nq + 1):
+            cols = mask[q0:q1].any(dim=0).nonzero().flatten()
+            start, end = reference.visible_keys(q0, q1, nq, nk, causal, window)
+            if cols.numel() == 0:
+                assert start >= end, (q0, q1, start, end)
+            else:
+                assert (start, end) == (cols.min().item(), cols.max().item() + 1), (q0, q1)
+    for k0 in range(nk):
+        for k1 in range(k0 + 1, nk + 1):
+            rows = mask[:, k0:k1].any(dim=1).nonzero().flatten()
+            start, end = reference.visible_queries(k0, k1, nq, nk, causal, window)
+            if rows.numel() == 0:
+                assert start >= end, (k0, k1, start, end)
+            else:
+                assert (start, end) == (rows.min().item(), rows.max().item() + 1), (k0, k1)
+    assert torch.equal(reference.visible_mask(0, nq, 0, nk, nq, nk, "cpu", causal, window), mask)
+
+
+@pytest.mark.parametrize("window,softcap", [((-2, 0), None), ((1, 2, 3), None), ((1.5, 0), None),
+                                            (None, -1.0), (None, float("nan"))])
+def test_bad_window_or_softcap_raises(window, softcap):
+    q, k, v = make_qkv(1, 1, 1, 4, 4, 2, seed=92)
+    with pytest.raises(ValueError, match="window|softcap"):
+        reference.attention_forward(q, k, v, window=window, softcap=softcap)
