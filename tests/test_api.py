@@ -227,8 +227,8 @@ def test_import_without_gpu():
 
 
 def test_public_names():
-    assert flash_ext.__all__ == ["attention"]
-    assert callable(flash_ext.attention)
+    assert flash_ext.__all__ == ["attention", "route_sdpa", "scaled_dot_product_attention"]
+    assert all(callable(getattr(flash_ext, name)) for name in flash_ext.__all__)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
