@@ -1,0 +1,140 @@
+"""flash_ext as a transformers attention implementation: small randomly initialised Llama-style
+(GQA) and GPT-2-style models against transformers' own sdpa implementation, on the CPU
+(float64, through the reference) and on the GPU (bf16, through the kernels, with the 2x rule
+against a float64 model). Skipped where transformers is not installed."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import flash_ext
+
+transformers = pytest.importorskip("transformers")
+from flash_ext.integrations import transformers as fx_transformers  # noqa: E402
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+VOCAB = 101
+
+
+def configs():
+    return {
+        "llama-gqa": transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=256),
+        "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                        bos_token_id=0, eos_token_id=0),
+    }
+
+
+def model_pair(arch, dtype, device, seed=0):
+    """The same weights twice: on flash_ext and on transformers' sdpa, in eval mode (no dropout)."""
+    torch.manual_seed(seed)
+    cfg = configs()[arch]
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=fx_transformers.register(),
+                                                         dtype=dtype).to(device).eval()
+    theirs = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa",
+                                                           dtype=dtype).to(device).eval()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def count_flash_ext_calls(monkeypatch):
+    calls = []
+    real = fx_transformers.attention
+    monkeypatch.setattr(fx_transformers, "attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    return calls
+
+
+def logits_and_grads(model, ids, mask=None):
+    model.zero_grad()
+    logits = model(ids, attention_mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss.backward()
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_name_is_one_transformers_accepts():
+    name = fx_transformers.register()
+    assert name == "fa_ext" and "flash" not in name and "sdpa" not in name
+    model, _ = model_pair("llama-gqa", torch.float64, "cpu")
+    assert model.config._attn_implementation == name
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+def test_cpu_logits_and_gradients_match_sdpa(arch, monkeypatch):
+    ours, theirs = model_pair(arch, torch.float64, "cpu")
+    calls = count_flash_ext_calls(monkeypatch)
+    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(1))
+    got, got_grads = logits_and_grads(ours, ids)
+    want, want_grads = logits_and_grads(theirs, ids)
+    assert len(calls) == 2 and all(kw["causal"] for kw in calls), calls  # each layer through flash_ext
+    assert (got - want).abs().max().item() < 1e-10
+    assert got_grads.keys() == want_grads.keys()
+    for name, g in got_grads.items():
+        assert (g - want_grads[name]).abs().max().item() < 1e-10 * max(1.0, want_grads[name].abs().max().item()), name
+
+
+def test_padding_mask_runs_on_torch_sdpa_with_a_warning():
+    ours, theirs = model_pair("llama-gqa", torch.float64, "cpu")
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    flash_ext.sdpa._warned.clear()
+    with pytest.warns(UserWarning, match="an attn_mask tensor runs on torch's SDPA"):
+        got = ours(ids, attention_mask=mask).logits
+    want = theirs(ids, attention_mask=mask).logits
+    assert (got - want)[mask.bool()].abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+def test_generation_with_a_kv_cache_matches_sdpa(arch):
+    """Prefill, then one query at a time against the cache: causal aligned to the bottom-right."""
+    ours, theirs = model_pair(arch, torch.float64, "cpu")
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = ours.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        want = theirs.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+def test_soft_capping_is_refused_not_ignored():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        fx_transformers.attention_forward(torch.nn.Module(), q, q, q, None, softcap=50.0)
+
+
+def test_model_compiles_fullgraph():
+    ours, theirs = model_pair("llama-gqa", torch.float64, "cpu")
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    flash_ext.sdpa._warned.clear()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # through flash_ext.attention: no mask tensor, no fallback
+        got = compiled(ids).logits
+    with torch.no_grad():
+        want = theirs(ids).logits
+    assert (got - want).abs().max().item() < 1e-10
+
+
+@CUDA
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+def test_cuda_logits_and_gradients_within_twice_torchs_error(arch, monkeypatch):
+    """bf16 on the GPU: flash_ext's error against the float64 model at most twice sdpa's, plus slack."""
+    ours, theirs = model_pair(arch, torch.bfloat16, "cuda")
+    exact, _ = model_pair(arch, torch.float64, "cuda")
+    exact.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    calls = count_flash_ext_calls(monkeypatch)
+    ids = torch.randint(0, VOCAB, (2, 200), generator=torch.Generator().manual_seed(5)).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        got, got_grads = logits_and_grads(ours, ids)
+    assert len(calls) == 2
+    want, want_grads = logits_and_grads(theirs, ids)
+    ref, ref_grads = logits_and_grads(exact, ids)
+    err = lambda x, r: (x.double() - r).abs().max().item()
+    assert err(got, ref) <= 2 * err(want, ref) + 1e-3
+    for name, r in ref_grads.items():
+        assert err(got_grads[name], r) <= 2 * err(want_grads[name], r) + 1e-3 * max(1.0, r.abs().max().item()), name
