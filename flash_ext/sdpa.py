@@ -43,6 +43,9 @@ def kernel_route(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         return "dropout", False
     if query.dim() not in (3, 4) or key.dim() != query.dim() or value.dim() != query.dim():
         return "inputs that are not all 3-D or all 4-D", causal
+    if isinstance(attn_mask, CausalBias) and (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (query.shape[-2],
+                                                                                          key.shape[-2]):
+        return "a causal bias whose lengths are not the inputs'", False
     if causal and not isinstance(attn_mask, CausalBias) and query.shape[-2] != key.shape[-2]:
         return "is_causal with Nq != Nk (torch aligns it to the top-left corner, the kernels to the bottom-right)", False
     if key.shape[:-2] != value.shape[:-2] or key.shape[-2] != value.shape[-2]:

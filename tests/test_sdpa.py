@@ -48,6 +48,7 @@ def fallback_calls():
         ("float32", qkv(2, 4, 4, 16, 16, 64, dtype=torch.float32), {}, "dtype torch.float32"),
         ("GQA without enable_gqa", qkv(2, 4, 2, 16, 16, 64), {}, "heads that differ"),
         ("CPU", (q, k, v), {}, "tensors not all on one CUDA device"),
+        ("bias of other lengths", (q, k, v), dict(attn_mask=causal_lower_right(16, 20)), "a causal bias whose"),
     ]
 
 
@@ -56,8 +57,8 @@ def test_fallback_reason_result_and_one_warning(name, args, kwargs, reason):
     got_reason, _ = sdpa.kernel_route(*args, attn_mask=kwargs.get("attn_mask"),
                                       dropout_p=kwargs.get("dropout_p", 0.0), is_causal=kwargs.get("is_causal", False))
     assert got_reason is not None and got_reason.startswith(reason), got_reason
-    if name == "GQA without enable_gqa":  # torch's SDPA refuses it; so does the drop-in, with torch's error
-        with pytest.warns(UserWarning, match="heads that differ"), pytest.raises(RuntimeError):
+    if name in ("GQA without enable_gqa", "bias of other lengths"):  # torch refuses these; the drop-in too
+        with pytest.warns(UserWarning, match=reason), pytest.raises(RuntimeError):
             flash_ext.scaled_dot_product_attention(*args, **kwargs)
         return
     torch.manual_seed(5)
