@@ -99,10 +99,13 @@ def test_generation_with_a_kv_cache_matches_sdpa(arch):
     assert torch.equal(got, want)
 
 
-def test_soft_capping_is_refused_not_ignored():
+@pytest.mark.parametrize("kwargs,what", [(dict(softcap=50.0), "soft-capping"),
+                                         (dict(position_bias=torch.zeros(1, 2, 4, 4)), "position bias"),
+                                         (dict(s_aux=torch.zeros(2)), "sinks")])
+def test_what_flash_ext_cannot_do_is_refused_not_ignored(kwargs, what):
     q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(NotImplementedError, match="soft-capping"):
-        fx_transformers.attention_forward(torch.nn.Module(), q, q, q, None, softcap=50.0)
+    with pytest.raises(NotImplementedError, match=what):
+        fx_transformers.attention_forward(torch.nn.Module(), q, q, q, None, **kwargs)
 
 
 def test_model_compiles_fullgraph():

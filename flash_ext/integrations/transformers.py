@@ -14,7 +14,8 @@ with transformers' causal flag aligned to the bottom-right corner, which is righ
 for a KV cache too: the kernels on CUDA (fp16, bf16), the reference on the CPU. A
 padding or sliding-window mask, dropout, or CUDA inputs the kernels do not take go
 to torch's SDPA through flash_ext.scaled_dot_product_attention, with its warning.
-Soft-capped models (Gemma-2) are refused with an error until the kernels cap scores.
+Soft-capping (Gemma-2), position biases (T5) and attention sinks are refused with
+an error rather than dropped.
 """
 
 import torch
@@ -30,10 +31,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                       **kwargs):
     """transformers' attention function: query (B, Hq, L, D), key and value (B, Hkv, S, D);
     returns the output as (B, L, Hq, D) and no attention weights."""
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(
-            f"flash_ext: attention soft-capping (softcap={kwargs['softcap']}) is not supported yet; "
-            f"load this model with attn_implementation='eager'")
+    # What this function would otherwise drop: soft-capping (Gemma-2), position biases (T5), attention sinks.
+    for name, what in (("softcap", "attention soft-capping"), ("position_bias", "a position bias"),
+                       ("s_aux", "attention sinks"), ("sinks", "attention sinks")):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"flash_ext: {what} ({name}=...) is not supported yet; "
+                                      f"load this model with attn_implementation='eager' or 'sdpa'")
     if kwargs.get("output_attentions"):
         raise ValueError("flash_ext: output_attentions=True needs the attention weights; use attn_implementation='eager'")
     q_len, kv_len = query.shape[2], key.shape[2]
