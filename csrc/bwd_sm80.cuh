@@ -426,12 +426,15 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
         const uint32_t q_off = stage * kQStageBytes;
         const float* lse_s = lse_smem + stage * kBlockM + q_col0;
         const float* delta_s = delta_smem + stage * kBlockM + q_col0;
+        // B fragments of Qᵀ, dOᵀ (the warp's queries) and of dO, Q (its columns of dK, dV).
+        auto query_cols = [&](int ks, int j) { return RowCol{q_col0 + j * 2 * kMmaN, ks * kMmaK}; };
+        auto out_cols = [&](int ks, int j) { return RowCol{ks * kMmaK, d_col0 + j * 2 * kMmaN}; };
 
         // Sᵀ = K Qᵀ;  Pᵀ = exp2(c·Sᵀ − L2), masked to 0 where a key is not seen.
         KeyScores s = {};  // Sᵀ, then Pᵀ: kWarpKeys x kWarpQueries per warp
         warp_mma<T, kDSteps, kKeyTiles, kSTiles, false>(
             s, [&](int ks, int mt, uint32_t(&a)[4]) { ldmatrix_x4(a, k_a.at(mt * kMmaM, ks * kMmaK)); }, q_b, q_off,
-            [&](int ks, int j) { return RowCol{q_col0 + j * 2 * kMmaN, ks * kMmaK}; });
+            query_cols);
 #pragma unroll
         for (int nt = 0; nt < kSTiles; ++nt) {
             const float2 lse = *reinterpret_cast<const float2*>(lse_s + nt * kMmaN + col_in_tile);
@@ -457,7 +460,7 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
         KeyScores dp = {};  // dPᵀ, then dSᵀ
         warp_mma<T, kDSteps, kKeyTiles, kSTiles, false>(
             dp, [&](int ks, int mt, uint32_t(&a)[4]) { ldmatrix_x4(a, v_a.at(mt * kMmaM, ks * kMmaK)); }, do_b, q_off,
-            [&](int ks, int j) { return RowCol{q_col0 + j * 2 * kMmaN, ks * kMmaK}; });
+            query_cols);
 #pragma unroll
         for (int nt = 0; nt < kSTiles; ++nt) {
             const float2 delta = *reinterpret_cast<const float2*>(delta_s + nt * kMmaN + col_in_tile);
@@ -482,12 +485,8 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
         auto dst_frag = [&](int ks, int mt, uint32_t(&a)[4]) {
             ldmatrix_x4(a, dst_a.at(mt * kMmaM, ks * kMmaK));
         };
-        warp_mma<T, kMSteps, kKeyTiles, kOutTiles, true>(dv_acc, pt_frag, do_bt, q_off, [&](int ks, int j) {
-            return RowCol{ks * kMmaK, d_col0 + j * 2 * kMmaN};
-        });
-        warp_mma<T, kMSteps, kKeyTiles, kOutTiles, true>(dk_acc, dst_frag, q_bt, q_off, [&](int ks, int j) {
-            return RowCol{ks * kMmaK, d_col0 + j * 2 * kMmaN};
-        });
+        warp_mma<T, kMSteps, kKeyTiles, kOutTiles, true>(dv_acc, pt_frag, do_bt, q_off, out_cols);
+        warp_mma<T, kMSteps, kKeyTiles, kOutTiles, true>(dk_acc, dst_frag, q_bt, q_off, out_cols);
         if constexpr (Tile::kQStages == 1) {
             __syncthreads();  // every warp is done with Q, dO, L2 and D
             if (it + 1 < steps) load_q_do(next, 0);
@@ -655,11 +654,12 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
         const uint32_t kv_off = stage * kKVStageBytes;
         const int n0 = tile * kBlockN;
 
+        // B fragments of Kᵀ and Vᵀ: the tile's keys.
+        auto key_cols = [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; };
         // S = Q Kᵀ;  P = exp2(c·S − L2), masked to 0
         float s[1][kNTiles][4] = {};  // S, then P: 16 queries x kBlockN keys per warp
         warp_mma<T, kDSteps, 1, kNTiles, false>(
-            s, [&](int ks, int, uint32_t(&a)[4]) { ldmatrix_x4(a, q_a.at(0, ks * kMmaK)); }, k_b, kv_off,
-            [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; });
+            s, [&](int ks, int, uint32_t(&a)[4]) { ldmatrix_x4(a, q_a.at(0, ks * kMmaK)); }, k_b, kv_off, key_cols);
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
@@ -676,8 +676,7 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
         // dP = dO Vᵀ;  dS = P ∘ (dP − D)
         float dp[1][kNTiles][4] = {};
         warp_mma<T, kDSteps, 1, kNTiles, false>(
-            dp, [&](int ks, int, uint32_t(&a)[4]) { ldmatrix_x4(a, do_a.at(0, ks * kMmaK)); }, v_b, kv_off,
-            [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; });
+            dp, [&](int ks, int, uint32_t(&a)[4]) { ldmatrix_x4(a, do_a.at(0, ks * kMmaK)); }, v_b, kv_off, key_cols);
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
