@@ -14,6 +14,19 @@ LENGTHS = [(1, 1), (17, 17), (113, 113), (127, 127), (128, 128), (129, 129), (10
 ABS_SLACK = 1e-4
 
 
+def over_grid(test):
+    """Parametrize a test over the whole grid: dtype, d (head dim), causal and (nq, nk)."""
+    for mark in reversed([pytest.mark.parametrize("dtype", DTYPES, ids=str), pytest.mark.parametrize("d", HEAD_DIMS),
+                          pytest.mark.parametrize("causal", [False, True]), pytest.mark.parametrize("nq,nk", LENGTHS)]):
+        test = mark(test)
+    return test
+
+
+def grid_batch_heads(nq, nk):
+    """Batch and heads of a grid case: fewer for the longest rows."""
+    return (1, 2) if max(nq, nk) > 1000 else (2, 3)
+
+
 @pytest.fixture(autouse=True)
 def poison_outputs():
     """Every output is NaN-filled before the kernels run: an unwritten element fails.

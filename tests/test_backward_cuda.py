@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flash_ext
 from flash_ext import reference
 
-from cuda_grid import ABS_SLACK, DTYPES, HEAD_DIMS, LENGTHS, poison_outputs, rand  # noqa: F401 (autouse fixture)
+from cuda_grid import (ABS_SLACK, DTYPES, HEAD_DIMS, grid_batch_heads, over_grid,  # noqa: F401 (autouse fixture)
+                       poison_outputs, rand)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -83,12 +84,9 @@ def check_backward(q, k, v, do, causal, scale=None, deterministic=False):
     return errors
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d", HEAD_DIMS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("nq,nk", LENGTHS)
+@over_grid
 def test_backward_grid(dtype, d, causal, nq, nk):
-    b, h = (1, 2) if max(nq, nk) > 1000 else (2, 3)
+    b, h = grid_batch_heads(nq, nk)
     seed = zlib.crc32(repr(("bwd", dtype, d, causal, nq, nk)).encode())
     check_backward(*make_inputs(b, h, h, nq, nk, d, dtype, seed), causal)
 

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flash_ext
 from flash_ext import reference
 
-from cuda_grid import ABS_SLACK, DTYPES, HEAD_DIMS, LENGTHS, poison_outputs, rand  # noqa: F401 (autouse fixture)
+from cuda_grid import ABS_SLACK, grid_batch_heads, over_grid, poison_outputs, rand  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -72,12 +72,9 @@ def check_forward(q, k, v, causal, scale=None):
     return err, t_err
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d", HEAD_DIMS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("nq,nk", LENGTHS)
+@over_grid
 def test_forward_grid(dtype, d, causal, nq, nk):
-    b, h = (1, 2) if max(nq, nk) > 1000 else (2, 3)
+    b, h = grid_batch_heads(nq, nk)
     seed = zlib.crc32(repr((dtype, d, causal, nq, nk)).encode())
     check_forward(*make_qkv(b, h, h, nq, nk, d, dtype, seed), causal)
 
