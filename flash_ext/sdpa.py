@@ -70,13 +70,6 @@ def kernel_route(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     return None, causal
 
 
-def _kernel_layout(x):
-    """x as the kernels take it: last dim contiguous, strides in 16-byte multiples."""
-    if x.stride(-1) == 1 and interface._aligned_strides(x) and (x.numel() == 0 or x.data_ptr() % 16 == 0):
-        return x
-    return x.contiguous()
-
-
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention, on flash_ext's kernels where they apply."""
@@ -88,7 +81,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     three_d = query.dim() == 3  # (N, L, E): one head
-    q, k, v = (_kernel_layout(x.unsqueeze(1) if three_d else x) for x in (query, key, value))
+    q, k, v = (interface._kernel_ready(x.unsqueeze(1) if three_d else x) for x in (query, key, value))
     out = interface.attention(q, k, v, causal=causal, scale=scale)
     return out.squeeze(1) if three_d else out
 
