@@ -40,7 +40,37 @@ def _check_tensor(name, x):
             f"got strides {x.stride()}; call .contiguous() first")
 
 
-def check_inputs(q, k, v, causal, scale, deterministic=False):
+def _window_pair(window):
+    """window as (left, right), -1 for an unbounded side; None: (-1, -1)."""
+    if window is None:
+        return -1, -1
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window)):
+        raise ValueError(f"flash_ext.attention: window must be None or (left, right), integers >= -1 "
+                         f"(-1: unbounded on that side), got {window!r}")
+    return int(window[0]), int(window[1])
+
+
+def _softcap_value(softcap):
+    """softcap as a float, 0.0 for off (None or 0)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0 \
+            or softcap == float("inf"):
+        raise ValueError(f"flash_ext.attention: softcap must be None or a finite float >= 0 (0: off), got {softcap!r}")
+    return float(softcap)
+
+
+NO_KERNEL_BAND = ("sliding windows and soft-capping run on the CPU reference only so far; the CUDA kernels "
+                  "take window=None and softcap=None")
+
+
+def _check_kernel_band(window_left, window_right, softcap):
+    if (window_left, window_right, softcap) != (-1, -1, 0.0):
+        raise NotImplementedError(f"flash_ext: {NO_KERNEL_BAND}")
+
+
+def check_inputs(q, k, v, causal, scale, deterministic=False, window=None, softcap=None):
     """Raise a clear error naming the argument for every input flash_ext cannot take."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
@@ -68,8 +98,11 @@ def check_inputs(q, k, v, causal, scale, deterministic=False):
         raise TypeError(f"flash_ext.attention: scale must be a float or None, got {type(scale).__name__}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"flash_ext.attention: deterministic must be a bool, got {type(deterministic).__name__}")
+    window_left, window_right = _window_pair(window)
+    softcap = _softcap_value(softcap)
     if q.is_cuda:
         _check_cuda_inputs(q, k, v)
+        _check_kernel_band(window_left, window_right, softcap)
 
 
 KERNEL_MAX_HEAD_DIM = 256
@@ -127,17 +160,20 @@ def implementation(device):
 
 @torch.library.custom_op("flash_ext::fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-         deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+         deterministic: bool = False, window_left: int = -1, window_right: int = -1, softcap: float = 0.0
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward; the forward is deterministic.
     if q.is_cuda:
+        _check_kernel_band(window_left, window_right, softcap)
         o, lse = _C.fwd(q, k, v, causal, scale)
         return o, lse
-    o, lse = reference.attention_forward(q, k, v, causal=causal, scale=scale)
+    o, lse = reference.attention_forward(q, k, v, causal=causal, scale=scale, window=(window_left, window_right),
+                                         softcap=softcap)
     return torch.empty_like(q).copy_(o), lse
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k, v, causal, scale, deterministic=False):
+def _fwd_fake(q, k, v, causal, scale, deterministic=False, window_left=-1, window_right=-1, softcap=0.0):
     b, hq, nq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, nq), dtype=reference.compute_dtype(q.dtype))
 
@@ -151,42 +187,47 @@ def _kernel_ready(x):
 
 @torch.library.custom_op("flash_ext::bwd", mutates_args=())
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-         lse: torch.Tensor, dlse: torch.Tensor | None, causal: bool, scale: float, deterministic: bool = False
+         lse: torch.Tensor, dlse: torch.Tensor | None, causal: bool, scale: float, deterministic: bool = False,
+         window_left: int = -1, window_right: int = -1, softcap: float = 0.0
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dlse: the gradient of the LSE output, or None where the LSE was not used."""
     if q.is_cuda:
+        _check_kernel_band(window_left, window_right, softcap)
         # dO arrives in whatever layout autograd made (expanded, say); dlse as well.
         dlse = None if dlse is None else dlse.contiguous()
         dq, dk, dv = _C.bwd(_kernel_ready(do), q, k, v, o, lse, dlse, causal, scale, deterministic)
         return dq, dk, dv
-    dq, dk, dv = reference.attention_backward(do, q, k, v, o, lse, causal=causal, scale=scale, dlse=dlse)
+    dq, dk, dv = reference.attention_backward(do, q, k, v, o, lse, causal=causal, scale=scale,
+                                              window=(window_left, window_right), softcap=softcap, dlse=dlse)
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
 
 
 @_bwd.register_fake
-def _bwd_fake(do, q, k, v, o, lse, dlse, causal, scale, deterministic=False):
+def _bwd_fake(do, q, k, v, o, lse, dlse, causal, scale, deterministic=False, window_left=-1, window_right=-1,
+              softcap=0.0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, deterministic = inputs
+    q, k, v, causal, scale, deterministic, window_left, window_right, softcap = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+    ctx.options = causal, scale, deterministic, window_left, window_right, softcap
 
 
 def _backward(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = _bwd(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale, ctx.deterministic)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _bwd(do, q, k, v, o, lse, dlse, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False, deterministic=False):
+def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, return_lse=False,
+              deterministic=False):
     """Exact softmax attention, softmax(scale · Q Kᵀ) V, without an N×N buffer.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq a multiple of Hkv. Any
@@ -194,14 +235,18 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, determinis
     causal: query i sees keys j <= i + Nk - Nq (aligned to the bottom-right
         corner); a row that sees no key gives output 0 and LSE -inf.
     scale: defaults to 1/sqrt(D).
+    window: (left, right): query i sees keys i + Nk - Nq - left to
+        i + Nk - Nq + right, -1 leaving a side unbounded (with causal, both hold).
+    softcap: scores become softcap · tanh(score / softcap) before the softmax.
+        window and softcap run on the CPU reference only so far.
     return_lse: also return the log-sum-exp of each row's scaled scores,
         (B, Hq, Nq), natural log, float32 (float64 for float64 inputs).
     deterministic: bitwise-identical gradients run after run (dQ from its own
         pass instead of atomic adds); also on under
         torch.use_deterministic_algorithms(True).
     """
-    check_inputs(q, k, v, causal, scale, deterministic)
+    check_inputs(q, k, v, causal, scale, deterministic, window, softcap)
     scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    o, lse = _fwd(q, k, v, causal, scale, deterministic)
+    o, lse = _fwd(q, k, v, causal, scale, deterministic, *_window_pair(window), _softcap_value(softcap))
     return (o, lse) if return_lse else o

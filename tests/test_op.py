@@ -36,6 +36,19 @@ def test_opcheck_cpu(causal):
     run_opcheck(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal, 0.25, ("given", None))
 
 
+def test_opcheck_cpu_window_and_softcap():
+    q, k, v = qkv(1, 4, 2, 21, 25, 16, "cpu", torch.float64, 3)
+    band = (5, 2, 1.5)  # window_left, window_right, softcap
+    checks = opcheck(torch.ops.flash_ext.fwd.default, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
+                                                       True, 0.25, False, *band))
+    assert all(result == "SUCCESS" for result in checks.values()), checks
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, lse = torch.ops.flash_ext.fwd(q, k, v, True, 0.25, False, *band)
+    checks = opcheck(torch.ops.flash_ext.bwd.default, (torch.randn_like(o), q, k, v, o, lse, None, True, 0.25, False,
+                                                       *band))
+    assert all(result == "SUCCESS" for result in checks.values()), checks
+
+
 @CUDA
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_cuda(causal):

@@ -553,3 +553,40 @@ def test_bad_window_or_softcap_raises(window, softcap):
     q, k, v = make_qkv(1, 1, 1, 4, 4, 2, seed=92)
     with pytest.raises(ValueError, match="window|softcap"):
         reference.attention_forward(q, k, v, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("window,softcap", [((3, 2), None), ((-1, 0), 2.0), ((4, -1), 0.7), (None, 1.5)],
+                         ids=["window", "window-causal-cap", "left-cap", "cap"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_api_window_and_softcap_match_oracle_and_gradcheck(window, softcap, causal):
+    """flash_ext.attention(window=, softcap=) on the CPU: output, LSE and float64 gradcheck."""
+    q, k, v = make_qkv(1, 4, 2, 11, 14, 6, seed=151, requires_grad=True)
+    o, lse = flash_ext.attention(q * 2, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
+    want_o, want_lse = oracle(q * 2, k, v, causal, window=window, softcap=softcap)
+    assert max_err(o, want_o) < TOL and max_err(lse, want_lse) < TOL
+
+    def f(q, k, v):
+        return flash_ext.attention(q, k, v, causal=causal, scale=0.9, window=window, softcap=softcap,
+                                   return_lse=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(window=(1,)), "window must be"), (dict(window=(-2, 3)), "window must be"),
+    (dict(window=(1.0, 2)), "window must be"), (dict(window=5), "window must be"),
+    (dict(softcap=-1.0), "softcap must be"), (dict(softcap=float("inf")), "softcap must be"),
+    (dict(softcap=True), "softcap must be"),
+])
+def test_api_bad_window_or_softcap_names_the_argument(kwargs, match):
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, seed=152)
+    with pytest.raises(ValueError, match=match):
+        flash_ext.attention(q, k, v, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kwargs", [dict(window=(4, 0)), dict(softcap=30.0)])
+def test_api_window_and_softcap_on_cuda_say_not_yet(kwargs):
+    q, k, v = (x.cuda() for x in make_qkv(1, 2, 2, 16, 16, 64, seed=153, dtype=torch.bfloat16))
+    with pytest.raises(NotImplementedError, match="CPU reference only"):
+        flash_ext.attention(q, k, v, **kwargs)
