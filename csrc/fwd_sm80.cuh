@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -72,9 +73,12 @@ struct FwdConfigSm80 {
 };
 
 
-template <typename T, typename Tile, bool kCausal>
+// kBand: a sliding window (p.window_left, p.window_right; causal is a band
+// with window_right = 0), masked at both of its edges; kCausal is then false.
+template <typename T, typename Tile, bool kCausal, bool kBand = false>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
+    static_assert(!(kCausal && kBand), "a band kernel covers causal");
     constexpr int kHeadDim = Tile::kHeadDim;
     constexpr int kBlockM = Tile::kBlockM;
     constexpr int kBlockN = Tile::kBlockN;
@@ -117,6 +121,11 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     const int diag = p.seqlen_k - p.seqlen_q;
     const KeyTiles keys = key_tiles<kBlockM, kBlockN, kCausal>(m0, diag, p.seqlen_k);
     const int n_tiles = keys.count, n_masked_from = keys.masked_from;
+    // Band: the tiles [tiles_end - band.count, tiles_end), masked at both ends.
+    const BandTiles band = kBand ? band_tiles<kBlockM, kBlockN>(m0, diag, p.seqlen_k, p.window_left, p.window_right)
+                                 : BandTiles{};
+    const int tiles_end = kBand ? band.end : n_tiles;
+    const int tiles_count = kBand ? band.count : n_tiles;
 
     auto load_k = [&](int tile, int stage) {
         const int n0 = tile * kBlockN;
@@ -129,10 +138,10 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
                                        p.v_row_stride, p.seqlen_k - n0, p.head_dim);
     };
 
-    if (n_tiles > 0) {
+    if (tiles_count > 0) {
         load_tile_async<Tile, kBlockM>(q_smem, q_g, p.q_row_stride, p.seqlen_q - m0, p.head_dim);
-        load_k(n_tiles - 1, 0);
-        if constexpr (Tile::kStages == 2) load_v(n_tiles - 1, 0);
+        load_k(tiles_end - 1, 0);
+        if constexpr (Tile::kStages == 2) load_v(tiles_end - 1, 0);
     }
     cp_async_commit();
 
@@ -208,11 +217,16 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
                     int col_end = p.seqlen_k - tile * kBlockN - col_in_tile;
                     if constexpr (kCausal) col_end = min(col_end, warp_row0 + mt * kMmaM + r * 8 + diag + 1
                                                                       - tile * kBlockN - col_in_tile);
+                    // Band: the columns [col_begin, col_end) of the row's window.
+                    const int row_key0 = warp_row0 + mt * kMmaM + r * 8 + diag - tile * kBlockN - col_in_tile;
+                    if constexpr (kBand) col_end = min(col_end, row_key0 + p.window_right + 1);
+                    const int col_begin = kBand ? row_key0 - p.window_left : INT_MIN;
 #pragma unroll
                     for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
                         for (int c = 0; c < 2; ++c) {
-                            if (nt * kMmaN + c >= col_end) s[mt][nt][2 * r + c] = -INFINITY;
+                            const int col = nt * kMmaN + c;
+                            if (col >= col_end || (kBand && col < col_begin)) s[mt][nt][2 * r + c] = -INFINITY;
                         }
                     }
                 }
@@ -300,9 +314,9 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     // One key/value tile, with the copies and barriers of the K/V pipeline.
     auto step = [&](int it, auto masked) {
         constexpr bool kMasked = decltype(masked)::value;
-        const int tile = n_tiles - 1 - it;
+        const int tile = tiles_end - 1 - it;
         const int stage = it % Tile::kStages;
-        const bool more = it + 1 < n_tiles;
+        const bool more = it + 1 < tiles_count;
         if constexpr (Tile::kStages == 2) {
             if (more) {
                 load_k(tile - 1, 1 - stage);
@@ -328,8 +342,13 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
         }
 
         // On the causal diagonal, a warp whose rows all end before this tile
-        // has nothing to add: it only keeps step with the barriers.
-        const bool warp_idle = kCausal && kMasked && warp_m0 + Tile::kWarpRows - 1 + diag < tile * kBlockN;
+        // has nothing to add: it only keeps step with the barriers. (Band:
+        // also one whose rows all start after it.)
+        const bool warp_idle =
+            (kCausal && kMasked && warp_m0 + Tile::kWarpRows - 1 + diag < tile * kBlockN)
+            || (kBand && kMasked
+                && (warp_m0 + Tile::kWarpRows - 1 + diag + p.window_right < tile * kBlockN
+                    || warp_m0 + diag - p.window_left > tile * kBlockN + kBlockN - 1));
         Scores s = {};
         RowScale alpha;
         const bool rescale = !warp_idle && scores_to_probs(stage, tile, masked, s, alpha);
@@ -345,8 +364,14 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     };
 
     int it = 0;
-    for (; it < n_tiles - n_masked_from; ++it) step(it, std::true_type{});
-    for (; it < n_tiles; ++it) step(it, std::false_type{});
+    if constexpr (kBand) {
+        for (; it < band.masked_hi; ++it) step(it, std::true_type{});
+        for (; it < band.masked_hi + band.unmasked; ++it) step(it, std::false_type{});
+        for (; it < band.count; ++it) step(it, std::true_type{});
+    } else {
+        for (; it < n_tiles - n_masked_from; ++it) step(it, std::true_type{});
+        for (; it < n_tiles; ++it) step(it, std::false_type{});
+    }
     cp_async_wait<0>();
 
     // O = O / l;  LSE = scale·m + ln l, the natural log of Σ exp(scale·S).
@@ -387,9 +412,9 @@ constexpr int kLongestFirstMinBlocks = 16;
 constexpr int kLongestFirstMinHeads = 32;
 constexpr double kLongestFirstGroupBytes = 32.0 * 1024 * 1024;
 
-template <typename Tag, typename Tile, bool kCausal>
+template <typename Tag, typename Tile, bool kCausal, bool kBand = false>
 void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
-    auto kernel = fwd_kernel_sm80<typename DeviceType<Tag>::type, Tile, kCausal>;
+    auto kernel = fwd_kernel_sm80<typename DeviceType<Tag>::type, Tile, kCausal, kBand>;
     set_smem(kernel, Tile::kSmemBytes, "forward, head dim " + std::to_string(Tile::kHeadDim));
     // Causal blocks differ in work (block m sees about (m + 1)·kBlockM keys).
     // Launched head by head, the last heads' longest blocks start late and run
@@ -415,9 +440,10 @@ void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
     check_cuda(cudaGetLastError(), "flash_ext forward launch");
 }
 
-template <typename Tag, int kHeadDim, bool kCausal>
+// kBand: the band kernel (windows; causal with a window), on the masked tiles' configuration.
+template <typename Tag, int kHeadDim, bool kCausal, bool kBand = false>
 void launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
-    launch_fwd_sm80_tile<Tag, typename FwdConfigSm80<kHeadDim, kCausal>::Tile, kCausal>(p, stream);
+    launch_fwd_sm80_tile<Tag, typename FwdConfigSm80<kHeadDim, kCausal || kBand>::Tile, kCausal, kBand>(p, stream);
 }
 
 }  // namespace flash

@@ -43,6 +43,11 @@ struct FwdParams {
     // blocks, heads, batch)); G > 0 launches them longest first within groups
     // of G (batch, head) pairs (a 1-D grid).
     int causal_head_group;
+
+    // Band kernels (sliding window, also with causal): query i sees keys
+    // i + diag - window_left .. i + diag + window_right, diag = seqlen_k - seqlen_q;
+    // kUnboundedWindow where a side has no bound.
+    int window_left, window_right;
 };
 
 struct BwdParams {
@@ -88,6 +93,9 @@ struct BwdParams {
 // Tests set this (bytes; 0: off) to run the kernels as on a GPU that offers
 // only this much shared memory per block: the backward then takes its small tiles.
 inline int smem_cap_for_testing = 0;
+
+// A window side without a bound (far beyond any sequence, far from int overflow).
+inline constexpr int kUnboundedWindow = 1 << 30;
 
 // The query block of every backward kernel divides this (see seqlen_q_padded).
 inline constexpr int kBwdRowPad = 128;

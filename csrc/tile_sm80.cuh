@@ -162,6 +162,29 @@ __device__ __forceinline__ KeyTiles key_tiles(int m0, int diag, int seqlen_k) {
     return {count, masked_from};
 }
 
+// The key tiles of kBlockN keys that query rows [m0, m0 + kBlockM) visit under a
+// band (query i sees keys i + diag - left .. i + diag + right, and none past
+// seqlen_k): tiles [end - count, end), visited from the last. The first
+// masked_hi of them need the mask (the band's upper edge, the ragged tail),
+// the next unmasked do not, the rest need it again (the lower edge).
+struct BandTiles {
+    int end, count, masked_hi, unmasked;
+};
+
+template <int kBlockM, int kBlockN>
+__host__ __device__ inline BandTiles band_tiles(int m0, int diag, int seqlen_k, int left, int right) {
+    const int lo = max(0, m0 + diag - left);                                // the first key some row sees
+    const int hi = min(seqlen_k, m0 + kBlockM - 1 + diag + right + 1);       // one past the last
+    if (hi <= lo) return {0, 0, 0, 0};
+    const int first = lo / kBlockN, end = ceil_div(hi, kBlockN);
+    // Unmasked from above: every key of the tile at or below the first row's last, m0 + diag + right.
+    int upper = min(end, max(first, (m0 + diag + right + 1) / kBlockN));
+    if (end * kBlockN > seqlen_k) upper = min(upper, end - 1);
+    // Unmasked from below: every key of the tile at or above the last row's first.
+    const int lower = min(end, max(first, ceil_div(max(0, m0 + kBlockM - 1 + diag - left), kBlockN)));
+    return {end, end - first, end - upper, max(0, upper - lower)};
+}
+
 // A warp writes a kRows x kCols tile that it staged in shared memory (in rows
 // no other warp touches) to global memory in coalesced 16-byte chunks: the
 // rows r with row0 + r < row_end and the columns below col_end, row r at
