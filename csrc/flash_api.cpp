@@ -92,9 +92,13 @@ void dispatch(const Launch& launch, int head_dim, bool bf16, bool causal) {
 
 struct FwdLaunch {
     const flash::FwdParams& p;
+    bool band;  // a window: the band kernel, whatever kCausal
     cudaStream_t stream;
     template <typename Tag, int kHeadDim, bool kCausal>
-    void run() const { flash::run_fwd_sm80<Tag, kHeadDim, kCausal>(p, stream); }
+    void run() const {
+        band ? flash::run_fwd_sm80<Tag, kHeadDim, false, true>(p, stream)
+             : flash::run_fwd_sm80<Tag, kHeadDim, kCausal, false>(p, stream);
+    }
 };
 
 struct BwdLaunch {
@@ -181,9 +185,13 @@ void poison_if_testing(std::initializer_list<at::Tensor> outputs) {
     for (const at::Tensor& x : outputs) x.fill_(std::numeric_limits<float>::quiet_NaN());
 }
 
+// window_left, window_right: -1 for an unbounded side (both -1: no window).
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                            double scale) {
+                            double scale, int64_t window_left, int64_t window_right) {
     const int kernel_head_dim = check_qkv(q, k, v);
+    TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "flash_ext: window sides must be >= -1, got (",
+                      window_left, ", ", window_right, ")");
+    const bool band = window_left >= 0 || window_right >= 0;
 
     c10::cuda::CUDAGuard guard(q.device());
     const PositiveScale run = positive_scale(q, scale);
@@ -197,9 +205,14 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     p.o = o.data_ptr();
     p.lse = lse.data_ptr<float>();
     set_strides(p.o_batch_stride, p.o_head_stride, p.o_row_stride, o);
+    const auto side = [](int64_t w) {
+        return w < 0 ? flash::kUnboundedWindow : static_cast<int>(std::min<int64_t>(w, flash::kUnboundedWindow));
+    };
+    p.window_left = side(window_left);
+    p.window_right = causal ? std::min(side(window_right), 0) : side(window_right);
 
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    run_kernels(FwdLaunch{p, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
+    run_kernels(FwdLaunch{p, band, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
     return {o, lse};
 }
 
@@ -275,7 +288,7 @@ std::vector<int> built_head_dims() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "flash_ext CUDA kernels";
     m.def("fwd", &fwd, "Attention forward: returns [O, LSE]", py::arg("q"), py::arg("k"), py::arg("v"),
-          py::arg("causal"), py::arg("scale"));
+          py::arg("causal"), py::arg("scale"), py::arg("window_left") = -1, py::arg("window_right") = -1);
     m.def("bwd", &bwd, "Attention backward: returns [dQ, dK, dV]", py::arg("dout"), py::arg("q"), py::arg("k"),
           py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("dlse"), py::arg("causal"), py::arg("scale"),
           py::arg("deterministic"));

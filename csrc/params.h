@@ -100,8 +100,9 @@ inline constexpr int kUnboundedWindow = 1 << 30;
 // The query block of every backward kernel divides this (see seqlen_q_padded).
 inline constexpr int kBwdRowPad = 128;
 
-// Defined once per (type, head dim, causal) in a generated .cu file.
-template <typename T, int kHeadDim, bool kCausal>
+// Defined once per (type, head dim, mask) in a generated .cu file: full,
+// causal, or band (kCausal false: the window, causal or not, in FwdParams).
+template <typename T, int kHeadDim, bool kCausal, bool kBand>
 void run_fwd_sm80(const FwdParams& params, cudaStream_t stream);
 
 // deterministic: dQ from its own pass over the key blocks instead of atomic adds.

@@ -61,12 +61,12 @@ def _softcap_value(softcap):
     return float(softcap)
 
 
-NO_KERNEL_BAND = ("sliding windows and soft-capping run on the CPU reference only so far; the CUDA kernels "
-                  "take window=None and softcap=None")
+NO_KERNEL_BAND = ("on CUDA, soft-capping and the backward of a sliding window are not implemented yet (the "
+                  "CPU reference runs both); the CUDA forward takes a window")
 
 
-def _check_kernel_band(window_left, window_right, softcap):
-    if (window_left, window_right, softcap) != (-1, -1, 0.0):
+def _check_kernel_band(window_left, window_right, softcap, backward):
+    if softcap != 0.0 or (backward and (window_left, window_right) != (-1, -1)):
         raise NotImplementedError(f"flash_ext: {NO_KERNEL_BAND}")
 
 
@@ -102,7 +102,8 @@ def check_inputs(q, k, v, causal, scale, deterministic=False, window=None, softc
     softcap = _softcap_value(softcap)
     if q.is_cuda:
         _check_cuda_inputs(q, k, v)
-        _check_kernel_band(window_left, window_right, softcap)
+        backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        _check_kernel_band(window_left, window_right, softcap, backward)
 
 
 KERNEL_MAX_HEAD_DIM = 256
@@ -164,8 +165,8 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale:
          ) -> tuple[torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward; the forward is deterministic.
     if q.is_cuda:
-        _check_kernel_band(window_left, window_right, softcap)
-        o, lse = _C.fwd(q, k, v, causal, scale)
+        _check_kernel_band(window_left, window_right, softcap, backward=False)
+        o, lse = _C.fwd(q, k, v, causal, scale, window_left, window_right)
         return o, lse
     o, lse = reference.attention_forward(q, k, v, causal=causal, scale=scale, window=(window_left, window_right),
                                          softcap=softcap)
@@ -192,7 +193,7 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dlse: the gradient of the LSE output, or None where the LSE was not used."""
     if q.is_cuda:
-        _check_kernel_band(window_left, window_right, softcap)
+        _check_kernel_band(window_left, window_right, softcap, backward=True)
         # dO arrives in whatever layout autograd made (expanded, say); dlse as well.
         dlse = None if dlse is None else dlse.contiguous()
         dq, dk, dv = _C.bwd(_kernel_ready(do), q, k, v, o, lse, dlse, causal, scale, deterministic)
