@@ -282,9 +282,11 @@ struct RowCol {
     int row, col;
 };
 
-template <typename T, typename Tile, bool kCausal, bool kAtomicDq>
+// kBand, kSoftcap: as in the forward (fwd_kernel_sm80).
+template <typename T, typename Tile, bool kCausal, bool kBand, bool kSoftcap, bool kAtomicDq>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
+    static_assert(!(kCausal && kBand) && (!kSoftcap || kBand), "the band kernel covers causal and soft-capping");
     constexpr int kHeadDim = Tile::kHeadDim;
     constexpr int kBlockM = Tile::kBlockM;
     constexpr int kBlockN = Tile::kBlockN;
@@ -319,12 +321,19 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
     // Query i sees key j <= i + diag (causal, bottom-right aligned): the query
     // blocks before m_first see none of this block's keys; from m_unmasked on
     // they see all of them.
+    // Band: the query blocks [m_first, m_end) see some of its keys, those of
+    // [m_unmasked, m_unmasked_end) all of them.
     const int diag = p.seqlen_k - p.seqlen_q;
-    const int m_blocks = ceil_div(p.seqlen_q, kBlockM);
-    const int m_first = kCausal ? min(m_blocks, max(0, n0 - diag) / kBlockM) : 0;
-    const int m_unmasked = kCausal ? max(m_first, ceil_div(max(0, n0 + kBlockN - 1 - diag), kBlockM)) : 0;
+    const BandQueryBlocks band =
+        kBand ? band_query_blocks<kBlockM, kBlockN>(n0, diag, p.seqlen_q, p.window_left, p.window_right)
+              : BandQueryBlocks{};
+    const int m_blocks = kBand ? band.end : ceil_div(p.seqlen_q, kBlockM);  // one past the last query block
+    const int m_first = kBand ? band.first : kCausal ? min(m_blocks, max(0, n0 - diag) / kBlockM) : 0;
+    const int m_unmasked = kBand     ? band.unmasked_begin
+                           : kCausal ? max(m_first, ceil_div(max(0, n0 + kBlockN - 1 - diag), kBlockM))
+                                     : 0;
     const bool key_tail = n0 + kBlockN > p.seqlen_k;  // the ragged last key block: masked throughout
-    const int m_count = m_blocks - m_first;
+    const int m_count = max(0, m_blocks - m_first);
     const int steps = group * m_count;               // (query head, query block) pairs
 
     const T* k_g = static_cast<const T*>(p.k) + batch * p.k_batch_stride + head_kv * p.k_head_stride;
@@ -430,11 +439,13 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
         auto query_cols = [&](int ks, int j) { return RowCol{q_col0 + j * 2 * kMmaN, ks * kMmaK}; };
         auto out_cols = [&](int ks, int j) { return RowCol{ks * kMmaK, d_col0 + j * 2 * kMmaN}; };
 
-        // Sᵀ = K Qᵀ;  Pᵀ = exp2(c·Sᵀ − L2), masked to 0 where a key is not seen.
+        // Sᵀ = K Qᵀ (soft-capped: x → softcap_out · tanh(softcap_in · x), keeping 1 − tanh² for dSᵀ);
+        // Pᵀ = exp2(c·Sᵀ − L2), masked to 0 where a key is not seen.
         KeyScores s = {};  // Sᵀ, then Pᵀ: kWarpKeys x kWarpQueries per warp
         warp_mma<T, kDSteps, kKeyTiles, kSTiles, false>(
             s, [&](int ks, int mt, uint32_t(&a)[4]) { ldmatrix_x4(a, k_a.at(mt * kMmaM, ks * kMmaK)); }, q_b, q_off,
             query_cols);
+        float cap_grad[kSoftcap ? kKeyTiles : 1][kSoftcap ? kSTiles : 1][4];
 #pragma unroll
         for (int nt = 0; nt < kSTiles; ++nt) {
             const float2 lse = *reinterpret_cast<const float2*>(lse_s + nt * kMmaN + col_in_tile);
@@ -445,18 +456,23 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
 #pragma unroll
                     for (int c = 0; c < 2; ++c) {
                         float& x = s[mt][nt][2 * r + c];
+                        if constexpr (kSoftcap) {
+                            const float th = tanh_approx(x * p.softcap_in);
+                            cap_grad[mt][nt][2 * r + c] = 1.f - th * th;
+                            x = p.softcap_out * th;
+                        }
                         x = exp2_approx(fmaf(x, p.scale_log2, -(c == 0 ? lse.x : lse.y)));
                         if constexpr (kMasked) {
                             const int key = key_row0 + mt * kMmaM + 8 * r;
                             const int query = m0 + q_col0 + nt * kMmaN + col_in_tile + c;
-                            if (key >= p.seqlen_k || (kCausal && key > query + diag)) x = 0.f;
+                            if (!key_seen<kCausal, kBand>(p, diag, query, key)) x = 0.f;
                         }
                     }
                 }
             }
         }
 
-        // dPᵀ = V dOᵀ;  dSᵀ = Pᵀ ∘ (dPᵀ − D)
+        // dPᵀ = V dOᵀ;  dSᵀ = Pᵀ ∘ (dPᵀ − D) (∘ (1 − tanh²), soft-capped)
         KeyScores dp = {};  // dPᵀ, then dSᵀ
         warp_mma<T, kDSteps, kKeyTiles, kSTiles, false>(
             dp, [&](int ks, int mt, uint32_t(&a)[4]) { ldmatrix_x4(a, v_a.at(mt * kMmaM, ks * kMmaK)); }, do_b, q_off,
@@ -469,6 +485,7 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     dp[mt][nt][i] = s[mt][nt][i] * (dp[mt][nt][i] - (i % 2 == 0 ? delta.x : delta.y));
+                    if constexpr (kSoftcap) dp[mt][nt][i] *= cap_grad[mt][nt][i];
                 }
             }
         }
@@ -526,7 +543,8 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
     QueryBlock block = first_block;
     for (int it = 0; it < steps; ++it) {
         const QueryBlock next = next_block(block);
-        if (key_tail || (kCausal && block.m_block < m_unmasked)) {
+        if (key_tail || ((kCausal || kBand) && block.m_block < m_unmasked)
+            || (kBand && block.m_block >= band.unmasked_end)) {
             step(it, block, next, std::true_type{});
         } else {
             step(it, block, next, std::false_type{});
@@ -578,9 +596,10 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
 // Deterministic dQ: a block owns kBlockM query rows of one (batch, head), a
 // warp 16 of them, and walks the key blocks its rows see:
 //   S = Q Kᵀ;  P = exp2(c·S − L2);  dP = dO Vᵀ;  dS = P ∘ (dP − D);  dQ += dS K.
-template <typename T, typename Tile, bool kCausal>
+template <typename T, typename Tile, bool kCausal, bool kBand, bool kSoftcap>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
+    static_assert(!(kCausal && kBand) && (!kSoftcap || kBand), "the band kernel covers causal and soft-capping");
     constexpr int kBlockM = Tile::kBlockM;
     constexpr int kBlockN = Tile::kBlockN;
     constexpr int kNTiles = kBlockN / kMmaN;          // 8-wide column (key) tiles of S
@@ -607,9 +626,15 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
     const T* k_g = static_cast<const T*>(p.k) + batch * p.k_batch_stride + head_kv * p.k_head_stride;
     const T* v_g = static_cast<const T*>(p.v) + batch * p.v_batch_stride + head_kv * p.v_head_stride;
 
+    // The key tiles [tile_first, tile_end): unmasked [unmasked_from, masked_from), the rest masked.
     const int diag = p.seqlen_k - p.seqlen_q;
     const KeyTiles keys = key_tiles<kBlockM, kBlockN, kCausal>(m0, diag, p.seqlen_k);
-    const int n_tiles = keys.count, n_masked_from = keys.masked_from;
+    const BandTiles band = kBand ? band_tiles<kBlockM, kBlockN>(m0, diag, p.seqlen_k, p.window_left, p.window_right)
+                                 : BandTiles{};
+    const int tile_end = kBand ? band.end : keys.count;
+    const int tile_first = kBand ? band.end - band.count : 0;
+    const int masked_from = kBand ? band.end - band.masked_hi : keys.masked_from;
+    const int unmasked_from = kBand ? masked_from - band.unmasked : 0;
 
     auto load_kv = [&](int tile, int stage) {
         const int n0 = tile * kBlockN;
@@ -618,10 +643,10 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
         load_tile_async<Tile, kBlockN>(v_smem + stage * Tile::kKVElems, v_g + n0 * p.v_row_stride, p.v_row_stride,
                                        p.seqlen_k - n0, p.head_dim);
     };
-    if (n_tiles > 0) {
+    if (tile_end > tile_first) {
         load_tile_async<Tile, kBlockM>(q_smem, q_g, p.q_row_stride, p.seqlen_q - m0, p.head_dim);
         load_tile_async<Tile, kBlockM>(do_smem, do_g, p.do_row_stride, p.seqlen_q - m0, p.head_dim);
-        load_kv(0, 0);
+        load_kv(tile_first, tile_first % 2);
     }
     cp_async_commit();
 
@@ -649,38 +674,47 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
         const int stage = tile % 2;
         cp_async_wait<0>();  // this tile's K and V (and Q, dO) have landed
         __syncthreads();     // and every warp is done with the previous tile
-        if (tile + 1 < n_tiles) load_kv(tile + 1, 1 - stage);
+        if (tile + 1 < tile_end) load_kv(tile + 1, 1 - stage);
         cp_async_commit();
         const uint32_t kv_off = stage * kKVStageBytes;
         const int n0 = tile * kBlockN;
 
         // B fragments of Kᵀ and Vᵀ: the tile's keys.
         auto key_cols = [](int ks, int j) { return RowCol{j * 2 * kMmaN, ks * kMmaK}; };
-        // S = Q Kᵀ;  P = exp2(c·S − L2), masked to 0
+        // S = Q Kᵀ (soft-capped, keeping 1 − tanh²);  P = exp2(c·S − L2), masked to 0
         float s[1][kNTiles][4] = {};  // S, then P: 16 queries x kBlockN keys per warp
         warp_mma<T, kDSteps, 1, kNTiles, false>(
             s, [&](int ks, int, uint32_t(&a)[4]) { ldmatrix_x4(a, q_a.at(0, ks * kMmaK)); }, k_b, kv_off, key_cols);
+        float cap_grad[kSoftcap ? kNTiles : 1][4];
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 float& x = s[0][nt][i];
+                if constexpr (kSoftcap) {
+                    const float th = tanh_approx(x * p.softcap_in);
+                    cap_grad[nt][i] = 1.f - th * th;
+                    x = p.softcap_out * th;
+                }
                 x = exp2_approx(fmaf(x, p.scale_log2, -lse_log2[i / 2]));
                 if constexpr (kMasked) {
                     const int key = n0 + nt * kMmaN + col_in_tile + i % 2;
                     const int query = row0 + 8 * (i / 2);
-                    if (key >= p.seqlen_k || (kCausal && key > query + diag)) x = 0.f;
+                    if (!key_seen<kCausal, kBand>(p, diag, query, key)) x = 0.f;
                 }
             }
         }
-        // dP = dO Vᵀ;  dS = P ∘ (dP − D)
+        // dP = dO Vᵀ;  dS = P ∘ (dP − D) (∘ (1 − tanh²), soft-capped)
         float dp[1][kNTiles][4] = {};
         warp_mma<T, kDSteps, 1, kNTiles, false>(
             dp, [&](int ks, int, uint32_t(&a)[4]) { ldmatrix_x4(a, do_a.at(0, ks * kMmaK)); }, v_b, kv_off, key_cols);
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) dp[0][nt][i] = s[0][nt][i] * (dp[0][nt][i] - delta[i / 2]);
+            for (int i = 0; i < 4; ++i) {
+                dp[0][nt][i] = s[0][nt][i] * (dp[0][nt][i] - delta[i / 2]);
+                if constexpr (kSoftcap) dp[0][nt][i] *= cap_grad[nt][i];
+            }
         }
         // dQ += dS K
         warp_mma<T, kNSteps, 1, kDTiles, true>(
@@ -688,9 +722,10 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
             [](int ks, int j) { return RowCol{ks * kMmaK, j * 2 * kMmaN}; });
     };
 
-    int tile = 0;
-    for (; tile < n_masked_from; ++tile) step(tile, std::false_type{});
-    for (; tile < n_tiles; ++tile) step(tile, std::true_type{});
+    int tile = tile_first;
+    for (; tile < unmasked_from; ++tile) step(tile, std::true_type{});
+    for (; tile < masked_from; ++tile) step(tile, std::false_type{});
+    for (; tile < tile_end; ++tile) step(tile, std::true_type{});
     cp_async_wait<0>();
 
     // dQ = dq_scale · dQ, staged in the warp's own rows of q_smem (no other
@@ -710,7 +745,7 @@ bwd_dq_kernel_sm80(const __grid_constant__ BwdParams p) {
     store_tile_warp<Tile, kMmaM, Tile::kHeadDim>(dq_g, p.dq_row_stride, dq_stage, warp_m0, p.seqlen_q, p.head_dim);
 }
 
-template <typename Tag, typename Tiles, bool kCausal>
+template <typename Tag, typename Tiles, bool kCausal, bool kBand, bool kSoftcap>
 void launch_bwd_sm80_tiles(const BwdParams& p, bool deterministic, cudaStream_t stream) {
     using T = typename DeviceType<Tag>::type;
     using KVTile = typename Tiles::KVTile;
@@ -724,17 +759,17 @@ void launch_bwd_sm80_tiles(const BwdParams& p, bool deterministic, cudaStream_t 
 
     const dim3 kv_grid(ceil_div(p.seqlen_k, KVTile::kBlockN), p.heads_kv, p.batch);
     if (deterministic) {
-        auto kv_kernel = bwd_kv_kernel_sm80<T, KVTile, kCausal, false>;
+        auto kv_kernel = bwd_kv_kernel_sm80<T, KVTile, kCausal, kBand, kSoftcap, false>;
         set_smem(kv_kernel, KVTile::kSmemBytes, "backward, head dim " + std::to_string(kHeadDim));
         kv_kernel<<<kv_grid, KVTile::kThreads, KVTile::kSmemBytes, stream>>>(p);
         check_cuda(cudaGetLastError(), "flash_ext backward dK/dV launch");
-        auto dq_kernel = bwd_dq_kernel_sm80<T, DqTile, kCausal>;
+        auto dq_kernel = bwd_dq_kernel_sm80<T, DqTile, kCausal, kBand, kSoftcap>;
         set_smem(dq_kernel, DqTile::kSmemBytes, "backward dQ, head dim " + std::to_string(kHeadDim));
         const dim3 dq_grid(ceil_div(p.seqlen_q, DqTile::kBlockM), p.heads_q, p.batch);
         dq_kernel<<<dq_grid, DqTile::kThreads, DqTile::kSmemBytes, stream>>>(p);
         check_cuda(cudaGetLastError(), "flash_ext backward dQ launch");
     } else {
-        auto kv_kernel = bwd_kv_kernel_sm80<T, KVTile, kCausal, true>;
+        auto kv_kernel = bwd_kv_kernel_sm80<T, KVTile, kCausal, kBand, kSoftcap, true>;
         set_smem(kv_kernel, KVTile::kSmemBytes, "backward, head dim " + std::to_string(kHeadDim));
         kv_kernel<<<kv_grid, KVTile::kThreads, KVTile::kSmemBytes, stream>>>(p);
         check_cuda(cudaGetLastError(), "flash_ext backward dK/dV/dQ launch");
@@ -747,13 +782,14 @@ void launch_bwd_sm80_tiles(const BwdParams& p, bool deterministic, cudaStream_t 
 }
 
 // The fast tiles where the GPU offers their shared memory, the small ones otherwise.
-template <typename Tag, int kHeadDim, bool kCausal>
+// kBand, kSoftcap: the band kernels (windows; causal with a window; soft-capping).
+template <typename Tag, int kHeadDim, bool kCausal, bool kBand = false, bool kSoftcap = false>
 void launch_bwd_sm80(const BwdParams& p, bool deterministic, cudaStream_t stream) {
     using Config = BwdConfigSm80<kHeadDim>;
     if (Config::Fast::kSmemBytes <= smem_optin()) {
-        launch_bwd_sm80_tiles<Tag, typename Config::Fast, kCausal>(p, deterministic, stream);
+        launch_bwd_sm80_tiles<Tag, typename Config::Fast, kCausal, kBand, kSoftcap>(p, deterministic, stream);
     } else {
-        launch_bwd_sm80_tiles<Tag, typename Config::Small, kCausal>(p, deterministic, stream);
+        launch_bwd_sm80_tiles<Tag, typename Config::Small, kCausal, kBand, kSoftcap>(p, deterministic, stream);
     }
 }
 

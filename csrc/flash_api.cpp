@@ -90,23 +90,35 @@ void dispatch(const Launch& launch, int head_dim, bool bf16, bool causal) {
     TORCH_CHECK_VALUE(false, "flash_ext: no kernel built for head dim ", head_dim);
 }
 
+// Which kernel variant runs: a window or soft-capping takes the band kernel
+// (the window in the params, causal included), otherwise full or causal.
+struct Variant {
+    bool band, softcap;
+};
+
 struct FwdLaunch {
     const flash::FwdParams& p;
-    bool band;  // a window: the band kernel, whatever kCausal
+    Variant variant;
     cudaStream_t stream;
     template <typename Tag, int kHeadDim, bool kCausal>
     void run() const {
-        band ? flash::run_fwd_sm80<Tag, kHeadDim, false, true>(p, stream)
-             : flash::run_fwd_sm80<Tag, kHeadDim, kCausal, false>(p, stream);
+        if (variant.softcap) return flash::run_fwd_sm80<Tag, kHeadDim, false, true, true>(p, stream);
+        if (variant.band) return flash::run_fwd_sm80<Tag, kHeadDim, false, true, false>(p, stream);
+        flash::run_fwd_sm80<Tag, kHeadDim, kCausal, false, false>(p, stream);
     }
 };
 
 struct BwdLaunch {
     const flash::BwdParams& p;
+    Variant variant;
     bool deterministic;
     cudaStream_t stream;
     template <typename Tag, int kHeadDim, bool kCausal>
-    void run() const { flash::run_bwd_sm80<Tag, kHeadDim, kCausal>(p, deterministic, stream); }
+    void run() const {
+        if (variant.softcap) return flash::run_bwd_sm80<Tag, kHeadDim, false, true, true>(p, deterministic, stream);
+        if (variant.band) return flash::run_bwd_sm80<Tag, kHeadDim, false, true, false>(p, deterministic, stream);
+        flash::run_bwd_sm80<Tag, kHeadDim, kCausal, false, false>(p, deterministic, stream);
+    }
 };
 
 // Launch errors of the kernels' launchers become Python exceptions.
@@ -179,19 +191,38 @@ void set_problem(Params& p, const PositiveScale& run, const at::Tensor& k, const
     p.scale_log2 = run.scale * static_cast<float>(M_LOG2E);
 }
 
+// The mask and the cap, for FwdParams and BwdParams: window sides of -1 are
+// unbounded (both -1: no window); softcap 0 is off. Returns the kernel variant.
+template <typename Params>
+Variant set_band(Params& p, bool causal, int64_t window_left, int64_t window_right, double softcap) {
+    TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "flash_ext: window sides must be >= -1, got (",
+                      window_left, ", ", window_right, ")");
+    TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), "flash_ext: softcap must be a finite float >= 0, got ",
+                      softcap);
+    const auto side = [](int64_t w) {
+        return w < 0 ? flash::kUnboundedWindow : static_cast<int>(std::min<int64_t>(w, flash::kUnboundedWindow));
+    };
+    p.window_left = side(window_left);
+    p.window_right = causal ? std::min(side(window_right), 0) : side(window_right);
+    // Where softcap / scale is beyond float range, scale·|score| / softcap is far below a float's
+    // precision for any fp16/bf16 score, so the cap changes nothing: it is left off.
+    const float out = static_cast<float>(softcap / p.scale);
+    const bool capped = softcap > 0 && std::isfinite(out);
+    p.softcap_in = capped ? static_cast<float>(p.scale / softcap) : 0.f;
+    p.softcap_out = capped ? out : 0.f;
+    return {window_left >= 0 || window_right >= 0 || capped, capped};
+}
+
 // Tests set g_poison_outputs: every output then starts as NaN.
 void poison_if_testing(std::initializer_list<at::Tensor> outputs) {
     if (!g_poison_outputs) return;
     for (const at::Tensor& x : outputs) x.fill_(std::numeric_limits<float>::quiet_NaN());
 }
 
-// window_left, window_right: -1 for an unbounded side (both -1: no window).
+// window_left, window_right: -1 for an unbounded side (both -1: no window); softcap 0: off.
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                            double scale, int64_t window_left, int64_t window_right) {
+                            double scale, int64_t window_left, int64_t window_right, double softcap) {
     const int kernel_head_dim = check_qkv(q, k, v);
-    TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "flash_ext: window sides must be >= -1, got (",
-                      window_left, ", ", window_right, ")");
-    const bool band = window_left >= 0 || window_right >= 0;
 
     c10::cuda::CUDAGuard guard(q.device());
     const PositiveScale run = positive_scale(q, scale);
@@ -205,14 +236,10 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     p.o = o.data_ptr();
     p.lse = lse.data_ptr<float>();
     set_strides(p.o_batch_stride, p.o_head_stride, p.o_row_stride, o);
-    const auto side = [](int64_t w) {
-        return w < 0 ? flash::kUnboundedWindow : static_cast<int>(std::min<int64_t>(w, flash::kUnboundedWindow));
-    };
-    p.window_left = side(window_left);
-    p.window_right = causal ? std::min(side(window_right), 0) : side(window_right);
+    const Variant variant = set_band(p, causal, window_left, window_right, softcap);
 
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    run_kernels(FwdLaunch{p, band, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
+    run_kernels(FwdLaunch{p, variant, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
     return {o, lse};
 }
 
@@ -229,7 +256,8 @@ void check_row_stats(const at::Tensor& x, const char* name, const at::Tensor& q)
 // the gradient of the loss with respect to it.
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
-                            bool causal, double scale, bool deterministic) {
+                            bool causal, double scale, bool deterministic, int64_t window_left,
+                            int64_t window_right, double softcap) {
     const int kernel_head_dim = check_qkv(q, k, v);
     check_operand(o, "o", q);
     check_operand(dout, "dout", q);
@@ -273,9 +301,11 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
     set_strides(p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride, dv);
     p.seqlen_q_padded = static_cast<int>(padded);
     p.dq_scale = scale < 0 ? -run.scale : run.scale;
+    const Variant variant = set_band(p, causal, window_left, window_right, softcap);
 
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    run_kernels(BwdLaunch{p, deterministic, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
+    run_kernels(BwdLaunch{p, variant, deterministic, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16,
+                causal);
     return {dq, dk, dv};
 }
 
@@ -288,10 +318,12 @@ std::vector<int> built_head_dims() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "flash_ext CUDA kernels";
     m.def("fwd", &fwd, "Attention forward: returns [O, LSE]", py::arg("q"), py::arg("k"), py::arg("v"),
-          py::arg("causal"), py::arg("scale"), py::arg("window_left") = -1, py::arg("window_right") = -1);
+          py::arg("causal"), py::arg("scale"), py::arg("window_left") = -1, py::arg("window_right") = -1,
+          py::arg("softcap") = 0.0);
     m.def("bwd", &bwd, "Attention backward: returns [dQ, dK, dV]", py::arg("dout"), py::arg("q"), py::arg("k"),
           py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("dlse"), py::arg("causal"), py::arg("scale"),
-          py::arg("deterministic"));
+          py::arg("deterministic"), py::arg("window_left") = -1, py::arg("window_right") = -1,
+          py::arg("softcap") = 0.0);
     m.def("built_head_dims", &built_head_dims, "Head dims the kernels were compiled for");
     m.def("set_poison_outputs", [](bool on) { g_poison_outputs = on; },
           "Testing: fill outputs with NaN before each kernel runs");

@@ -75,10 +75,12 @@ struct FwdConfigSm80 {
 
 // kBand: a sliding window (p.window_left, p.window_right; causal is a band
 // with window_right = 0), masked at both of its edges; kCausal is then false.
-template <typename T, typename Tile, bool kCausal, bool kBand = false>
+// kSoftcap (band kernels only): the scores are soft-capped before the softmax.
+template <typename T, typename Tile, bool kCausal, bool kBand = false, bool kSoftcap = false>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     static_assert(!(kCausal && kBand), "a band kernel covers causal");
+    static_assert(!kSoftcap || kBand, "soft-capping comes with the band kernel");
     constexpr int kHeadDim = Tile::kHeadDim;
     constexpr int kBlockM = Tile::kBlockM;
     constexpr int kBlockN = Tile::kBlockN;
@@ -205,6 +207,17 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
                     }
                 }
             }
+        }
+
+        // Soft-capped, a raw score x becomes softcap_out · tanh(softcap_in · x):
+        // scaled, softcap · tanh(scale · x / softcap) (FwdParams).
+        if constexpr (kSoftcap) {
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) s[mt][nt][i] = p.softcap_out * tanh_approx(s[mt][nt][i] * p.softcap_in);
         }
 
         // Masked scores become -inf. Row i sees the columns of this tile
@@ -412,9 +425,9 @@ constexpr int kLongestFirstMinBlocks = 16;
 constexpr int kLongestFirstMinHeads = 32;
 constexpr double kLongestFirstGroupBytes = 32.0 * 1024 * 1024;
 
-template <typename Tag, typename Tile, bool kCausal, bool kBand = false>
+template <typename Tag, typename Tile, bool kCausal, bool kBand = false, bool kSoftcap = false>
 void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
-    auto kernel = fwd_kernel_sm80<typename DeviceType<Tag>::type, Tile, kCausal, kBand>;
+    auto kernel = fwd_kernel_sm80<typename DeviceType<Tag>::type, Tile, kCausal, kBand, kSoftcap>;
     set_smem(kernel, Tile::kSmemBytes, "forward, head dim " + std::to_string(Tile::kHeadDim));
     // Causal blocks differ in work (block m sees about (m + 1)·kBlockM keys).
     // Launched head by head, the last heads' longest blocks start late and run
@@ -440,10 +453,11 @@ void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
     check_cuda(cudaGetLastError(), "flash_ext forward launch");
 }
 
-// kBand: the band kernel (windows; causal with a window), on the masked tiles' configuration.
-template <typename Tag, int kHeadDim, bool kCausal, bool kBand = false>
+// kBand: the band kernel (windows; causal with a window; soft-capping), on the masked tiles' configuration.
+template <typename Tag, int kHeadDim, bool kCausal, bool kBand = false, bool kSoftcap = false>
 void launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
-    launch_fwd_sm80_tile<Tag, typename FwdConfigSm80<kHeadDim, kCausal || kBand>::Tile, kCausal, kBand>(p, stream);
+    launch_fwd_sm80_tile<Tag, typename FwdConfigSm80<kHeadDim, kCausal || kBand>::Tile, kCausal, kBand, kSoftcap>(
+        p, stream);
 }
 
 }  // namespace flash

@@ -48,6 +48,9 @@ struct FwdParams {
     // i + diag - window_left .. i + diag + window_right, diag = seqlen_k - seqlen_q;
     // kUnboundedWindow where a side has no bound.
     int window_left, window_right;
+    // Soft-capping kernels: the raw score x becomes softcap_out · tanh(softcap_in · x),
+    // softcap_in = scale / softcap, softcap_out = softcap / scale (scaled, the capped score).
+    float softcap_in, softcap_out;
 };
 
 struct BwdParams {
@@ -88,6 +91,9 @@ struct BwdParams {
     float scale;       // > 0, as in FwdParams
     float scale_log2;  // scale · log2(e)
     float dq_scale;    // dQ = dq_scale · dS K: the scale, with the sign of the caller's (q's sign was flipped)
+
+    int window_left, window_right;    // band kernels, as in FwdParams
+    float softcap_in, softcap_out;    // soft-capping kernels, as in FwdParams
 };
 
 // Tests set this (bytes; 0: off) to run the kernels as on a GPU that offers
@@ -100,13 +106,14 @@ inline constexpr int kUnboundedWindow = 1 << 30;
 // The query block of every backward kernel divides this (see seqlen_q_padded).
 inline constexpr int kBwdRowPad = 128;
 
-// Defined once per (type, head dim, mask) in a generated .cu file: full,
-// causal, or band (kCausal false: the window, causal or not, in FwdParams).
-template <typename T, int kHeadDim, bool kCausal, bool kBand>
+// Defined once per (type, head dim, variant) in a generated .cu file: full,
+// causal, band (kCausal false: the window, causal or not, in the params), or
+// band with soft-capping (kSoftcap; only with kBand, which covers every mask).
+template <typename T, int kHeadDim, bool kCausal, bool kBand, bool kSoftcap>
 void run_fwd_sm80(const FwdParams& params, cudaStream_t stream);
 
 // deterministic: dQ from its own pass over the key blocks instead of atomic adds.
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kBand, bool kSoftcap>
 void run_bwd_sm80(const BwdParams& params, bool deterministic, cudaStream_t stream);
 
 }  // namespace flash

@@ -84,6 +84,13 @@ __device__ __forceinline__ float exp2_approx(float x) {
     return y;
 }
 
+// tanh.approx.f32 (sm_75+): tanh(x) on the special-function unit, relative error about 2^-11.
+__device__ __forceinline__ float tanh_approx(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Two floats rounded to one packed 32-bit register of T (low half = lo).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);

@@ -185,6 +185,34 @@ __host__ __device__ inline BandTiles band_tiles(int m0, int diag, int seqlen_k, 
     return {end, end - first, end - upper, max(0, upper - lower)};
 }
 
+// Whether query i sees key j (the backward's masked steps): never past
+// seqlen_k; causal, j <= i + diag; band, i + diag - left <= j <= i + diag + right.
+template <bool kCausal, bool kBand, typename Params>
+__device__ __forceinline__ bool key_seen(const Params& p, int diag, int i, int j) {
+    return j < p.seqlen_k && !(kCausal && j > i + diag)
+           && !(kBand && (j > i + diag + p.window_right || j < i + diag - p.window_left));
+}
+
+// The query blocks of kBlockM rows that see keys [n0, n0 + kBlockN) under a
+// band (as above): [first, end), of which [unmasked_begin, unmasked_end) see
+// every key of the block, rows [seqlen_q, ...) of the last block aside
+// (their L2 is +inf, so P = 0 there). The rest need the mask.
+struct BandQueryBlocks {
+    int first, end, unmasked_begin, unmasked_end;
+};
+
+template <int kBlockM, int kBlockN>
+__host__ __device__ inline BandQueryBlocks band_query_blocks(int n0, int diag, int seqlen_q, int left, int right) {
+    const int lo = max(0, n0 - diag - right);                          // the first query that sees key n0
+    const int hi = min(seqlen_q, n0 + kBlockN - 1 - diag + left + 1);  // one past the last that sees some key
+    if (hi <= lo) return {0, 0, 0, 0};
+    const int first = lo / kBlockM, end = ceil_div(hi, kBlockM);
+    // Every key of the block: up to n0 + kBlockN - 1 from the block's first row on, and from n0 up to its last.
+    const int begin = min(end, max(first, ceil_div(max(0, n0 + kBlockN - 1 - diag - right), kBlockM)));
+    const int unmasked_end = max(begin, min(end, max(0, n0 - diag + left + 1) / kBlockM));
+    return {first, end, begin, unmasked_end};
+}
+
 // A warp writes a kRows x kCols tile that it staged in shared memory (in rows
 // no other warp touches) to global memory in coalesced 16-byte chunks: the
 // rows r with row0 + r < row_end and the columns below col_end, row r at

@@ -61,15 +61,6 @@ def _softcap_value(softcap):
     return float(softcap)
 
 
-NO_KERNEL_BAND = ("on CUDA, soft-capping and the backward of a sliding window are not implemented yet (the "
-                  "CPU reference runs both); the CUDA forward takes a window")
-
-
-def _check_kernel_band(window_left, window_right, softcap, backward):
-    if softcap != 0.0 or (backward and (window_left, window_right) != (-1, -1)):
-        raise NotImplementedError(f"flash_ext: {NO_KERNEL_BAND}")
-
-
 def check_inputs(q, k, v, causal, scale, deterministic=False, window=None, softcap=None):
     """Raise a clear error naming the argument for every input flash_ext cannot take."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -98,12 +89,10 @@ def check_inputs(q, k, v, causal, scale, deterministic=False, window=None, softc
         raise TypeError(f"flash_ext.attention: scale must be a float or None, got {type(scale).__name__}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"flash_ext.attention: deterministic must be a bool, got {type(deterministic).__name__}")
-    window_left, window_right = _window_pair(window)
-    softcap = _softcap_value(softcap)
+    _window_pair(window)
+    _softcap_value(softcap)
     if q.is_cuda:
         _check_cuda_inputs(q, k, v)
-        backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        _check_kernel_band(window_left, window_right, softcap, backward)
 
 
 KERNEL_MAX_HEAD_DIM = 256
@@ -165,8 +154,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale:
          ) -> tuple[torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward; the forward is deterministic.
     if q.is_cuda:
-        _check_kernel_band(window_left, window_right, softcap, backward=False)
-        o, lse = _C.fwd(q, k, v, causal, scale, window_left, window_right)
+        o, lse = _C.fwd(q, k, v, causal, scale, window_left, window_right, softcap)
         return o, lse
     o, lse = reference.attention_forward(q, k, v, causal=causal, scale=scale, window=(window_left, window_right),
                                          softcap=softcap)
@@ -193,10 +181,10 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dlse: the gradient of the LSE output, or None where the LSE was not used."""
     if q.is_cuda:
-        _check_kernel_band(window_left, window_right, softcap, backward=True)
         # dO arrives in whatever layout autograd made (expanded, say); dlse as well.
         dlse = None if dlse is None else dlse.contiguous()
-        dq, dk, dv = _C.bwd(_kernel_ready(do), q, k, v, o, lse, dlse, causal, scale, deterministic)
+        dq, dk, dv = _C.bwd(_kernel_ready(do), q, k, v, o, lse, dlse, causal, scale, deterministic, window_left,
+                            window_right, softcap)
         return dq, dk, dv
     dq, dk, dv = reference.attention_backward(do, q, k, v, o, lse, causal=causal, scale=scale,
                                               window=(window_left, window_right), softcap=softcap, dlse=dlse)
@@ -238,8 +226,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, r
     scale: defaults to 1/sqrt(D).
     window: (left, right): query i sees keys i + Nk - Nq - left to
         i + Nk - Nq + right, -1 leaving a side unbounded (with causal, both hold).
-    softcap: scores become softcap · tanh(score / softcap) before the softmax.
-        window and softcap run on the CPU reference only so far.
+    softcap: scaled scores s become softcap · tanh(s / softcap) before the
+        softmax (Gemma-2 style); None or 0: off.
     return_lse: also return the log-sum-exp of each row's scaled scores,
         (B, Hq, Nq), natural log, float32 (float64 for float64 inputs).
     deterministic: bitwise-identical gradients run after run (dQ from its own

@@ -1,7 +1,8 @@
 """A few small forward and backward calls for compute-sanitizer (tests/sanitize.sh):
 ragged tiles, causal with Nq != Nk, GQA, several head dims, the backward with
 atomic and deterministic dQ, with its fast tiles and with the small ones (the
-shared memory capped at 99 KB). Exits non-zero on a bad result."""
+shared memory capped at 99 KB); the band kernels (windows, soft-capping). Exits
+non-zero on a bad result."""
 
 import sys
 
@@ -10,31 +11,35 @@ import torch
 import flash_ext
 from flash_ext import reference
 
-CASES = [  # (b, hq, hkv, nq, nk, d, causal, dtype)
-    (1, 2, 2, 17, 17, 64, False, torch.bfloat16),
-    (1, 2, 1, 129, 77, 128, True, torch.float16),
-    (2, 4, 2, 77, 200, 32, True, torch.bfloat16),
-    (1, 1, 1, 300, 100, 256, True, torch.bfloat16),
-    (1, 2, 2, 5, 140, 96, False, torch.float16),
+CASES = [  # (b, hq, hkv, nq, nk, d, causal, dtype, window, softcap)
+    (1, 2, 2, 17, 17, 64, False, torch.bfloat16, None, None),
+    (1, 2, 1, 129, 77, 128, True, torch.float16, None, None),
+    (2, 4, 2, 77, 200, 32, True, torch.bfloat16, None, None),
+    (1, 1, 1, 300, 100, 256, True, torch.bfloat16, None, None),
+    (1, 2, 2, 5, 140, 96, False, torch.float16, None, None),
+    (1, 2, 1, 129, 77, 128, False, torch.bfloat16, (20, 5), None),
+    (1, 2, 2, 100, 300, 64, True, torch.float16, (50, -1), 30.0),
+    (1, 1, 1, 200, 130, 256, False, torch.bfloat16, None, 20.0),
 ]
 
 
 def main():
     worst = 0.0
-    for b, hq, hkv, nq, nk, d, causal, dtype in CASES:
+    for b, hq, hkv, nq, nk, d, causal, dtype, window, softcap in CASES:
+        band = dict(causal=causal, window=window, softcap=softcap)
         q = torch.randn(b, hq, nq, d, device="cuda").to(dtype)
         k = torch.randn(b, hkv, nk, d, device="cuda").to(dtype)
         v = torch.randn(b, hkv, nk, d, device="cuda").to(dtype)
         do = torch.randn(b, hq, nq, d, device="cuda").to(dtype)
-        o = flash_ext.attention(q, k, v, causal=causal)
-        ref, lse = reference.attention_forward(q.float(), k.float(), v.float(), causal=causal)
+        o = flash_ext.attention(q, k, v, **band)
+        ref, lse = reference.attention_forward(q.float(), k.float(), v.float(), **band)
         worst = max(worst, (o.float() - ref).abs().max().item())
-        want = reference.attention_backward(do.float(), q.float(), k.float(), v.float(), ref, lse, causal=causal)
+        want = reference.attention_backward(do.float(), q.float(), k.float(), v.float(), ref, lse, **band)
         for smem_cap in (0, 99 * 1024):
             flash_ext.interface._C.set_smem_cap(smem_cap)
             for deterministic in (False, True):
                 leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-                out = flash_ext.attention(*leaves, causal=causal, deterministic=deterministic)
+                out = flash_ext.attention(*leaves, deterministic=deterministic, **band)
                 for g, w in zip(torch.autograd.grad(out, leaves, do), want):
                     worst = max(worst, (g.float() - w).abs().max().item() / max(1.0, w.abs().max().item()))
         flash_ext.interface._C.set_smem_cap(0)

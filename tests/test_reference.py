@@ -582,11 +582,3 @@ def test_api_bad_window_or_softcap_names_the_argument(kwargs, match):
     q, k, v = make_qkv(1, 2, 2, 4, 4, 8, seed=152)
     with pytest.raises(ValueError, match=match):
         flash_ext.attention(q, k, v, **kwargs)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kwargs,grad", [(dict(window=(4, 0)), True), (dict(softcap=30.0), False)])
-def test_api_on_cuda_says_what_is_not_there_yet(kwargs, grad):
-    q, k, v = (x.cuda().requires_grad_(grad) for x in make_qkv(1, 2, 2, 16, 16, 64, seed=153, dtype=torch.bfloat16))
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        flash_ext.attention(q, k, v, **kwargs)
