@@ -1,7 +1,9 @@
 """flash_ext as a transformers attention implementation: small randomly initialised Llama-style
-(GQA) and GPT-2-style models against transformers' own sdpa implementation, on the CPU
-(float64, through the reference) and on the GPU (bf16, through the kernels, with the 2x rule
-against a float64 model). Skipped where transformers is not installed."""
+(GQA) and GPT-2-style models against transformers' own sdpa implementation, Mistral-style
+(sliding window) and Gemma-2-style (sliding window on every other layer, soft-capping) models
+against its eager one (its sdpa path has no soft-capping), on the CPU (float64, through the
+reference) and on the GPU (bf16, through the kernels, with the 2x rule against a float64
+model). Skipped where transformers is not installed."""
 
 import copy
 import warnings
@@ -25,16 +27,31 @@ def configs():
                                               max_position_embeddings=256),
         "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                         bos_token_id=0, eos_token_id=0),
+        "mistral-window": transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                     head_dim=16, max_position_embeddings=256, sliding_window=7),
+        "gemma2-window-softcap": transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                           num_hidden_layers=2, num_attention_heads=4,
+                                                           num_key_value_heads=2, head_dim=16,
+                                                           max_position_embeddings=256, sliding_window=7,
+                                                           attn_logit_softcapping=2.0, final_logit_softcapping=None),
     }
 
 
+# The implementation each model is compared with: transformers' sdpa where it computes the same
+# thing, eager for soft-capping; and how close float64 gets to it (eager takes its softmax in float32).
+BASELINE = {"llama-gqa": "sdpa", "gpt2": "sdpa", "mistral-window": "sdpa", "gemma2-window-softcap": "eager"}
+CPU_TOLERANCE = {"sdpa": 1e-10, "eager": 1e-6}
+ARCHS = list(BASELINE)
+
+
 def model_pair(arch, dtype, device, seed=0):
-    """The same weights twice: on flash_ext and on transformers' sdpa, in eval mode (no dropout)."""
+    """The same weights twice: on flash_ext and on transformers' own implementation, in eval mode (no dropout)."""
     torch.manual_seed(seed)
     cfg = configs()[arch]
     ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=fx_transformers.register(),
                                                          dtype=dtype).to(device).eval()
-    theirs = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa",
+    theirs = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=BASELINE[arch],
                                                            dtype=dtype).to(device).eval()
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
@@ -62,18 +79,26 @@ def test_name_is_one_transformers_accepts():
     assert model.config._attn_implementation == name
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
-def test_cpu_logits_and_gradients_match_sdpa(arch, monkeypatch):
+# What each layer of the models passes flash_ext.attention: (window, softcap) per layer.
+LAYER_BANDS = {"llama-gqa": [(None, None)] * 2, "gpt2": [(None, None)] * 2,
+               "mistral-window": [((6, 0), None)] * 2,
+               "gemma2-window-softcap": [((6, 0), 2.0), (None, 2.0)]}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cpu_logits_and_gradients_match_transformers(arch, monkeypatch):
     ours, theirs = model_pair(arch, torch.float64, "cpu")
     calls = count_flash_ext_calls(monkeypatch)
     ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(1))
     got, got_grads = logits_and_grads(ours, ids)
     want, want_grads = logits_and_grads(theirs, ids)
     assert len(calls) == 2 and all(kw["causal"] for kw in calls), calls  # each layer through flash_ext
-    assert (got - want).abs().max().item() < 1e-10
+    assert [(kw["window"], kw["softcap"]) for kw in calls] == LAYER_BANDS[arch]
+    tol = CPU_TOLERANCE[BASELINE[arch]]
+    assert (got - want).abs().max().item() < tol
     assert got_grads.keys() == want_grads.keys()
     for name, g in got_grads.items():
-        assert (g - want_grads[name]).abs().max().item() < 1e-10 * max(1.0, want_grads[name].abs().max().item()), name
+        assert (g - want_grads[name]).abs().max().item() < tol * max(1.0, want_grads[name].abs().max().item()), name
 
 
 def test_padding_mask_runs_on_torch_sdpa_with_a_warning():
@@ -88,19 +113,19 @@ def test_padding_mask_runs_on_torch_sdpa_with_a_warning():
     assert (got - want)[mask.bool()].abs().max().item() < 1e-10
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
-def test_generation_with_a_kv_cache_matches_sdpa(arch):
-    """Prefill, then one query at a time against the cache: causal aligned to the bottom-right."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generation_with_a_kv_cache_matches_transformers(arch):
+    """Prefill, then one query at a time against the cache (longer than the windows): causal and
+    the window aligned to the bottom-right."""
     ours, theirs = model_pair(arch, torch.float64, "cpu")
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        got = ours.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        want = theirs.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        got = ours.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        want = theirs.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kwargs,what", [(dict(softcap=50.0), "soft-capping"),
-                                         (dict(position_bias=torch.zeros(1, 2, 4, 4)), "position bias"),
+@pytest.mark.parametrize("kwargs,what", [(dict(position_bias=torch.zeros(1, 2, 4, 4)), "position bias"),
                                          (dict(s_aux=torch.zeros(2)), "sinks")])
 def test_what_flash_ext_cannot_do_is_refused_not_ignored(kwargs, what):
     q = torch.randn(1, 2, 4, 8)
@@ -108,22 +133,18 @@ def test_what_flash_ext_cannot_do_is_refused_not_ignored(kwargs, what):
         fx_transformers.attention_forward(torch.nn.Module(), q, q, q, None, **kwargs)
 
 
-def test_model_compiles_fullgraph():
-    ours, theirs = model_pair("llama-gqa", torch.float64, "cpu")
-    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(4))
-    torch._dynamo.reset()
-    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
-    flash_ext.sdpa._warned.clear()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error")  # through flash_ext.attention: no mask tensor, no fallback
-        got = compiled(ids).logits
-    with torch.no_grad():
-        want = theirs(ids).logits
-    assert (got - want).abs().max().item() < 1e-10
+def test_softcap_with_a_padding_mask_is_refused():
+    """torch's SDPA, the fallback for padding masks, has no soft-capping: an error, not a silent drop."""
+    ours, _ = model_pair("gemma2-window-softcap", torch.float64, "cpu")
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, :5] = 0
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        ours(ids, attention_mask=mask)
 
 
 @CUDA
-@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_logits_and_gradients_within_twice_torchs_error(arch, monkeypatch):
     """bf16 on the GPU: flash_ext's error against the float64 model at most twice sdpa's, plus slack."""
     ours, theirs = model_pair(arch, torch.bfloat16, "cuda")
