@@ -108,7 +108,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attention", choices=["flash_ext", "sdpa"], default="flash_ext")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=384)

@@ -202,6 +202,7 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.options = causal, scale, deterministic, window_left, window_right, softcap
+    ctx.set_materialize_grads(False)  # an unused LSE's gradient stays None: no zeros to allocate and read
 
 
 def _backward(ctx, do, dlse):

@@ -148,8 +148,8 @@ def test_softcap_with_a_padding_mask_is_refused():
 def test_cuda_logits_and_gradients_within_twice_torchs_error(arch, monkeypatch):
     """bf16 on the GPU: flash_ext's error against the float64 model at most twice sdpa's, plus slack."""
     ours, theirs = model_pair(arch, torch.bfloat16, "cuda")
-    exact, _ = model_pair(arch, torch.float64, "cuda")
-    exact.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    exact, _ = model_pair(arch, torch.float64, "cpu")  # float64 through the reference (CUDA: no float64 kernels)
+    exact.load_state_dict({k: v.double().cpu() for k, v in ours.state_dict().items()})
     calls = count_flash_ext_calls(monkeypatch)
     ids = torch.randint(0, VOCAB, (2, 200), generator=torch.Generator().manual_seed(5)).cuda()
     with warnings.catch_warnings():
@@ -157,8 +157,8 @@ def test_cuda_logits_and_gradients_within_twice_torchs_error(arch, monkeypatch):
         got, got_grads = logits_and_grads(ours, ids)
     assert len(calls) == 2
     want, want_grads = logits_and_grads(theirs, ids)
-    ref, ref_grads = logits_and_grads(exact, ids)
-    err = lambda x, r: (x.double() - r).abs().max().item()
+    ref, ref_grads = logits_and_grads(exact, ids.cpu())
+    err = lambda x, r: (x.double().cpu() - r).abs().max().item()
     assert err(got, ref) <= 2 * err(want, ref) + 1e-3
     for name, r in ref_grads.items():
         assert err(got_grads[name], r) <= 2 * err(want_grads[name], r) + 1e-3 * max(1.0, r.abs().max().item()), name
