@@ -61,6 +61,9 @@ def _sdpa_flash(q, k, v):
 def flex_fn(left, cap):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # A fresh compile per case: past dynamo's recompile limit, flex_attention would run
+    # unfused (the whole score matrix in memory), which is not what it is timed for.
+    torch._dynamo.reset()
     compiled = torch.compile(flex_attention, dynamic=False)
     masks = {}
 
