@@ -4,6 +4,7 @@ window as a boolean mask (what SDPA users write; the flash backend takes no mask
 torch's FlexAttention (a window mask_mod, a soft-capping score_mod; compiled), for the
 forward and forward+backward. TFLOP/s count only the (query, key) pairs a window keeps,
 4·D FLOPs per pair forward and 2.5 times that backward, for every implementation alike.
+The implementations of a case take turns in rounds, so a change of clock falls on all.
 
     python3 bench/bench_band.py --out bench/results
 """
@@ -83,7 +84,8 @@ def flex_fn(left, cap):
     return fn
 
 
-def time_ms(fn, sets, mode, reps, warmup):
+def times_ms(fn, sets, mode, reps, warmup):
+    """CUDA-event times of reps calls after warmup, the input sets rotated."""
     def call(s):
         q, k, v, do = s
         o = fn(q, k, v)
@@ -100,7 +102,7 @@ def time_ms(fn, sets, mode, reps, warmup):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
 
 
 def main():
@@ -111,7 +113,8 @@ def main():
     p.add_argument("--softcap", type=float, default=30.0)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--reps", type=int, default=10, help="timed calls per round")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -128,16 +131,23 @@ def main():
                      for i in range(4)] for _ in range(2)]
             for case in cases:
                 pairs = visible_pairs(n, case[0]) * b * h
-                for name, fn in impls(case, n, d, device).items():
-                    if name == "flex" and opts.no_flex:
-                        continue
-                    for mode in ("fwd", "fwd_bwd"):
-                        started = time.time()
-                        try:
-                            ms = time_ms(fn, sets, mode, opts.reps, opts.warmup)
-                        except Exception as err:  # an implementation that cannot run this case
-                            print(f"d={d} n={n} {case} {name} {mode}: {type(err).__name__}: {str(err)[:200]}")
+                fns = {name: fn for name, fn in impls(case, n, d, device).items() if not (name == "flex" and opts.no_flex)}
+                for mode in ("fwd", "fwd_bwd"):
+                    samples = {name: [] for name in fns}
+                    started = time.time()
+                    for _ in range(opts.rounds):
+                        for name, fn in fns.items():
+                            if samples[name] is None:
+                                continue
+                            try:
+                                samples[name] += times_ms(fn, sets, mode, opts.reps, opts.warmup)
+                            except Exception as err:  # an implementation that cannot run this case
+                                print(f"d={d} n={n} {case} {name} {mode}: {type(err).__name__}: {str(err)[:200]}")
+                                samples[name] = None
+                    for name, got in samples.items():
+                        if not got:
                             continue
+                        ms = statistics.median(got)
                         flop = 4 * d * pairs * (1 if mode == "fwd" else 3.5)
                         rows.append(dict(d=d, n=n, window=None if case[0] is None else case[0] + 1, softcap=case[1],
                                          impl=name, mode=mode, ms=ms, tflops=flop / ms / 1e9))

@@ -18,6 +18,8 @@ debug mask of that op are not supported and raise. With an older torch, use
 flash_ext.route_sdpa() instead.
 """
 
+import warnings
+
 import torch
 
 from . import interface, reference
@@ -85,8 +87,10 @@ def _activate():
         raise RuntimeError(f"flash_ext: the CUDA extension is not built ({interface._C_IMPORT_ERROR}); "
                            f"install with `pip install --no-build-isolation -e .`")
     library = torch.library.Library("aten", "IMPL", "CUDA")
-    library.impl("_scaled_dot_product_flash_attention", _flash_forward, "CUDA")
-    library.impl("_scaled_dot_product_flash_attention_backward", _flash_backward, "CUDA")
+    with warnings.catch_warnings():  # torch warns that a kernel is overridden: what activation asks for
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
+        library.impl("_scaled_dot_product_flash_attention", _flash_forward, "CUDA")
+        library.impl("_scaled_dot_product_flash_attention_backward", _flash_backward, "CUDA")
     return _Handle(library)
 
 

@@ -36,9 +36,8 @@ def test_opcheck_cpu(causal):
     run_opcheck(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal, 0.25, ("given", None))
 
 
-def test_opcheck_cpu_window_and_softcap():
-    q, k, v = qkv(1, 4, 2, 21, 25, 16, "cpu", torch.float64, 3)
-    band = (5, 2, 1.5)  # window_left, window_right, softcap
+def opcheck_band(q, k, v, band):
+    """opcheck of both ops with a window and soft-capping: band = (window_left, window_right, softcap)."""
     checks = opcheck(torch.ops.flash_ext.fwd.default, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
                                                        True, 0.25, False, *band))
     assert all(result == "SUCCESS" for result in checks.values()), checks
@@ -49,6 +48,15 @@ def test_opcheck_cpu_window_and_softcap():
     assert all(result == "SUCCESS" for result in checks.values()), checks
 
 
+def test_opcheck_cpu_window_and_softcap():
+    opcheck_band(*qkv(1, 4, 2, 21, 25, 16, "cpu", torch.float64, 3), (5, 2, 1.5))
+
+
+@CUDA
+def test_opcheck_cuda_window_and_softcap():
+    opcheck_band(*qkv(2, 4, 2, 129, 77, 64, "cuda", torch.bfloat16, 4), (20, 3, 10.0))
+
+
 @CUDA
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_cuda(causal):
@@ -56,19 +64,19 @@ def test_opcheck_cuda(causal):
     run_opcheck(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal, 0.125)
 
 
-def loss(q, k, v):
-    o, lse = flash_ext.attention(q, k, v, causal=True, return_lse=True)
+def loss(q, k, v, **band):
+    o, lse = flash_ext.attention(q, k, v, causal=True, return_lse=True, **band)
     acc = torch.float64 if o.dtype == torch.float64 else torch.float32
     return o.to(acc).square().sum() + lse.to(acc).sum()
 
 
-def check_compiled(device, dtype, backend, tol):
+def check_compiled(device, dtype, backend, tol, **band):
     torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=backend)
+    compiled = torch.compile(lambda q, k, v: loss(q, k, v, **band), fullgraph=True, dynamic=True, backend=backend)
     for seed, shape in enumerate([(2, 4, 2, 33, 40, 16), (1, 4, 1, 57, 20, 16), (3, 2, 2, 8, 8, 16)]):
         inputs = [x.requires_grad_() for x in qkv(*shape, device, dtype, seed)]
         copies = [x.detach().clone().requires_grad_() for x in inputs]
-        got, want = compiled(*inputs), loss(*copies)
+        got, want = compiled(*inputs), loss(*copies, **band)
         got.backward()
         want.backward()
         assert torch.allclose(got, want, rtol=tol, atol=tol), (got, want)
@@ -84,3 +92,9 @@ def test_compile_fullgraph_dynamic_cpu(backend):
 @CUDA
 def test_compile_fullgraph_dynamic_cuda():
     check_compiled("cuda", torch.bfloat16, "inductor", 2e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_compile_fullgraph_window_and_softcap(device):
+    dtype, tol = (torch.float64, 1e-10) if device == "cpu" else (torch.bfloat16, 2e-2)
+    check_compiled(device, dtype, "aot_eager", tol, window=(7, 0), softcap=5.0)

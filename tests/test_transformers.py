@@ -144,6 +144,24 @@ def test_softcap_with_a_padding_mask_is_refused():
 
 
 @CUDA
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma2-window-softcap"])
+def test_cuda_model_compiles_fullgraph(arch):
+    """The kernels (Gemma-2: the band kernel with a window and a cap) under torch.compile(fullgraph=True),
+    forward and backward: the same logits and gradients as the model run eagerly."""
+    ours, _ = model_pair(arch, torch.bfloat16, "cuda")
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(7)).cuda()
+    want, want_grads = logits_and_grads(ours, ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to torch's SDPA
+        got, got_grads = logits_and_grads(compiled, ids)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[name.removeprefix("_orig_mod.")], atol=2e-2, rtol=2e-2)
+
+
+@CUDA
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_logits_and_gradients_within_twice_torchs_error(arch, monkeypatch):
     """bf16 on the GPU: flash_ext's error against the float64 model at most twice sdpa's, plus slack."""
