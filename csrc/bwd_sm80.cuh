@@ -321,8 +321,8 @@ bwd_kv_kernel_sm80(const __grid_constant__ BwdParams p) {
     // Query i sees key j <= i + diag (causal, bottom-right aligned): the query
     // blocks before m_first see none of this block's keys; from m_unmasked on
     // they see all of them.
-    // Band: the query blocks [m_first, m_end) see some of its keys, those of
-    // [m_unmasked, m_unmasked_end) all of them.
+    // Band: the query blocks [m_first, m_blocks) see some of its keys, those of
+    // [m_unmasked, band.unmasked_end) all of them.
     const int diag = p.seqlen_k - p.seqlen_q;
     const BandQueryBlocks band =
         kBand ? band_query_blocks<kBlockM, kBlockN>(n0, diag, p.seqlen_q, p.window_left, p.window_right)
