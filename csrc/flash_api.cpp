@@ -9,6 +9,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "params.h"
@@ -96,15 +97,27 @@ struct Variant {
     bool band, softcap;
 };
 
+// Calls run(causal, band, softcap), each a std::bool_constant: the template flags of the
+// variant's kernel (the band kernels take causal in their window, so their kCausal is off).
+template <bool kCausal, typename Run>
+void with_variant_flags(Variant variant, const Run& run) {
+    using On = std::true_type;
+    using Off = std::false_type;
+    if (variant.softcap) return run(Off{}, On{}, On{});
+    if (variant.band) return run(Off{}, On{}, Off{});
+    run(std::bool_constant<kCausal>{}, Off{}, Off{});
+}
+
 struct FwdLaunch {
     const flash::FwdParams& p;
     Variant variant;
     cudaStream_t stream;
     template <typename Tag, int kHeadDim, bool kCausal>
     void run() const {
-        if (variant.softcap) return flash::run_fwd_sm80<Tag, kHeadDim, false, true, true>(p, stream);
-        if (variant.band) return flash::run_fwd_sm80<Tag, kHeadDim, false, true, false>(p, stream);
-        flash::run_fwd_sm80<Tag, kHeadDim, kCausal, false, false>(p, stream);
+        with_variant_flags<kCausal>(variant, [&](auto causal, auto band, auto softcap) {
+            flash::run_fwd_sm80<Tag, kHeadDim, decltype(causal)::value, decltype(band)::value,
+                                     decltype(softcap)::value>(p, stream);
+        });
     }
 };
 
@@ -115,9 +128,10 @@ struct BwdLaunch {
     cudaStream_t stream;
     template <typename Tag, int kHeadDim, bool kCausal>
     void run() const {
-        if (variant.softcap) return flash::run_bwd_sm80<Tag, kHeadDim, false, true, true>(p, deterministic, stream);
-        if (variant.band) return flash::run_bwd_sm80<Tag, kHeadDim, false, true, false>(p, deterministic, stream);
-        flash::run_bwd_sm80<Tag, kHeadDim, kCausal, false, false>(p, deterministic, stream);
+        with_variant_flags<kCausal>(variant, [&](auto causal, auto band, auto softcap) {
+            flash::run_bwd_sm80<Tag, kHeadDim, decltype(causal)::value, decltype(band)::value,
+                                     decltype(softcap)::value>(p, deterministic, stream);
+        });
     }
 };
 

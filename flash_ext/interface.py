@@ -62,7 +62,8 @@ def _softcap_value(softcap):
 
 
 def check_inputs(q, k, v, causal, scale, deterministic=False, window=None, softcap=None):
-    """Raise a clear error naming the argument for every input flash_ext cannot take."""
+    """Raise a clear error naming the argument for every input flash_ext cannot take. Returns the
+    window and cap as the ops take them: (window_left, window_right, softcap)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
     for name, x in (("k", k), ("v", v)):
@@ -89,10 +90,10 @@ def check_inputs(q, k, v, causal, scale, deterministic=False, window=None, softc
         raise TypeError(f"flash_ext.attention: scale must be a float or None, got {type(scale).__name__}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"flash_ext.attention: deterministic must be a bool, got {type(deterministic).__name__}")
-    _window_pair(window)
-    _softcap_value(softcap)
+    band = (*_window_pair(window), _softcap_value(softcap))
     if q.is_cuda:
         _check_cuda_inputs(q, k, v)
+    return band
 
 
 KERNEL_MAX_HEAD_DIM = 256
@@ -235,8 +236,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, r
         pass instead of atomic adds); also on under
         torch.use_deterministic_algorithms(True).
     """
-    check_inputs(q, k, v, causal, scale, deterministic, window, softcap)
+    band = check_inputs(q, k, v, causal, scale, deterministic, window, softcap)
     scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    o, lse = _fwd(q, k, v, causal, scale, deterministic, *_window_pair(window), _softcap_value(softcap))
+    o, lse = _fwd(q, k, v, causal, scale, deterministic, *band)
     return (o, lse) if return_lse else o

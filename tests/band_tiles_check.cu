@@ -6,14 +6,21 @@
 #include <vector>
 #include "tile_sm80.cuh"
 using namespace flash;
+// Calls f(nq, nk, left, right, sees) over the grid of lengths and window sides; sees(i, j): query i sees key j.
+template <typename F>
+void for_each_problem(F f) {
+    for (int nq = 1; nq <= 70; nq += 3) for (int nk = 1; nk <= 70; nk += 3)
+    for (int left : {kUnboundedWindow, 0, 1, 5, 17, 64, 100}) for (int right : {kUnboundedWindow, 0, 1, 3, 16, 65}) {
+        const int diag = nk - nq;
+        f(nq, nk, left, right, [=](int i, int j) { return j < nk && j >= i + diag - left && j <= i + diag + right; });
+    }
+}
 template <int BM, int BN>
 int check() {
     int bad = 0, cases = 0;
-    for (int nq = 1; nq <= 70; nq += 3) for (int nk = 1; nk <= 70; nk += 3)
-    for (int left : {kUnboundedWindow, 0, 1, 5, 17, 64, 100}) for (int right : {kUnboundedWindow, 0, 1, 3, 16, 65})
+    for_each_problem([&](int nq, int nk, int left, int right, auto sees) {
     for (int m0 = 0; m0 < nq; m0 += BM) {
         const int diag = nk - nq;
-        auto sees = [&](int i, int j) { return j < nk && j >= i + diag - left && j <= i + diag + right; };
         int ntiles = (nk + BN - 1) / BN;
         // brute force per tile: visible (some row of the block, rows m0..m0+BM-1), needs mask (some row sees not all its keys)
         int first = -1, end = -1;
@@ -41,6 +48,7 @@ int check() {
         }
         if (!ok && bad++ < 5) printf("BM=%d BN=%d nq=%d nk=%d m0=%d left=%d right=%d: first %d end %d | got end %d count %d hi %d un %d\n", BM, BN, nq, nk, m0, left, right, first, end, b.end, b.count, b.masked_hi, b.unmasked);
     }
+    });
     printf("BM=%d BN=%d: %d cases, %d bad\n", BM, BN, cases, bad);
     return bad;
 }
@@ -50,11 +58,9 @@ int check() {
 template <int BM, int BN>
 int check_queries() {
     int bad = 0, cases = 0;
-    for (int nq = 1; nq <= 70; nq += 3) for (int nk = 1; nk <= 70; nk += 3)
-    for (int left : {kUnboundedWindow, 0, 1, 5, 17, 64, 100}) for (int right : {kUnboundedWindow, 0, 1, 3, 16, 65})
+    for_each_problem([&](int nq, int nk, int left, int right, auto sees) {
     for (int n0 = 0; n0 < nk; n0 += BN) {
         const int diag = nk - nq;
-        auto sees = [&](int i, int j) { return j < nk && j >= i + diag - left && j <= i + diag + right; };
         const int nblocks = (nq + BM - 1) / BM;
         BandQueryBlocks b = band_query_blocks<BM, BN>(n0, diag, nq, left, right);
         ++cases;
@@ -71,6 +77,7 @@ int check_queries() {
         }
         if (!ok && bad++ < 5) printf("queries BM=%d BN=%d nq=%d nk=%d n0=%d left=%d right=%d: got %d %d %d %d\n", BM, BN, nq, nk, n0, left, right, b.first, b.end, b.unmasked_begin, b.unmasked_end);
     }
+    });
     printf("queries BM=%d BN=%d: %d cases, %d bad\n", BM, BN, cases, bad);
     return bad;
 }
