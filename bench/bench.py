@@ -56,7 +56,9 @@ SDPA_BACKENDS = {
     "sdpa_default": None,
 }
 GPU_IMPLS = ["flash_ext", *SDPA_BACKENDS]
-OPTIONAL_IMPLS = ["flash_ext_det"]  # only when --impls names them: flash_ext with deterministic=True
+# Only when --impls names them: flash_ext with deterministic=True; flash_ext with its sm_80
+# forward forced where the Hopper forward would run (to compare the two on an H100).
+OPTIONAL_IMPLS = ["flash_ext_det", "flash_ext_sm80"]
 CPU_IMPLS = ["flash_ext", "sdpa_math", "sdpa_default"]
 MEMORY_IMPLS = ["flash_ext", "sdpa_math"]
 MODES = ["fwd", "bwd", "fwd_bwd"]
@@ -170,6 +172,12 @@ def make_inputs(cfg, device, n_sets, seed=0):
 
 
 def attend(impl, flash_ext, q, k, v, causal):
+    if impl == "flash_ext_sm80":
+        flash_ext.interface._C.set_force_sm80(True)
+        try:
+            return flash_ext.attention(q, k, v, causal=causal)
+        finally:
+            flash_ext.interface._C.set_force_sm80(False)
     if impl in ("flash_ext", "flash_ext_det"):
         return flash_ext.attention(q, k, v, causal=causal, deterministic=impl == "flash_ext_det")
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)

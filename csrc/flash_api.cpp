@@ -6,9 +6,13 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -25,6 +29,18 @@ constexpr int kAlignElems = 8;  // the kernels copy 16-byte chunks
 
 // Tests set this so every output starts as NaN and must be written by the kernel.
 bool g_poison_outputs = false;
+
+#ifdef FLASH_EXT_SM90  // setup.py: the build targets sm_90a
+constexpr bool kBuiltSm90 = true;
+#else
+constexpr bool kBuiltSm90 = false;
+#endif
+
+// FLASH_EXT_FORCE_SM80=1 (or set_force_sm80) runs the sm_80 forward on Hopper too.
+bool g_force_sm80 = [] {
+    const char* env = std::getenv("FLASH_EXT_FORCE_SM80");
+    return env != nullptr && std::string(env) == "1";
+}();
 
 constexpr bool is_built(int head_dim) {
     for (int d : kBuiltHeadDims) {
@@ -108,12 +124,38 @@ void with_variant_flags(Variant variant, const Run& run) {
     run(std::bool_constant<kCausal>{}, Off{}, Off{});
 }
 
+// Whether the device is a Hopper GPU (compute capability 9.0), asked once per device.
+bool is_hopper(const at::Device& device) {
+    static std::array<int8_t, 64> known{};  // 0: not asked yet, 1: yes, -1: no
+    const int index = device.index();
+    if (index < 0 || index >= static_cast<int>(known.size())) return false;
+    if (known[index] == 0) {
+        int major = 0, minor = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
+        known[index] = major == 9 && minor == 0 ? 1 : -1;
+    }
+    return known[index] == 1;
+}
+
+// The Hopper forward runs where it was built, on a Hopper GPU, at a head dim it was written
+// for exactly (no zero-padded columns), without a window or a cap, and with keys to load;
+// not while tests cap the shared memory (that stands for a smaller GPU, without sm_90a).
+bool use_sm90(const at::Tensor& q, const at::Tensor& k, int kernel_head_dim, Variant variant) {
+    return kBuiltSm90 && !g_force_sm80 && flash::smem_cap_for_testing == 0 && flash::is_sm90_head_dim(kernel_head_dim)
+           && q.size(3) == kernel_head_dim && !variant.band && k.size(2) > 0 && is_hopper(q.device());
+}
+
 struct FwdLaunch {
     const flash::FwdParams& p;
     Variant variant;
+    bool sm90;  // use_sm90
     cudaStream_t stream;
     template <typename Tag, int kHeadDim, bool kCausal>
     void run() const {
+        if constexpr (kBuiltSm90 && flash::is_sm90_head_dim(kHeadDim)) {
+            if (sm90) return flash::run_fwd_sm90<Tag, kHeadDim, kCausal>(p, stream);
+        }
         with_variant_flags<kCausal>(variant, [&](auto causal, auto band, auto softcap) {
             flash::run_fwd_sm80<Tag, kHeadDim, decltype(causal)::value, decltype(band)::value,
                                      decltype(softcap)::value>(p, stream);
@@ -253,7 +295,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     const Variant variant = set_band(p, causal, window_left, window_right, softcap);
 
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    run_kernels(FwdLaunch{p, variant, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
+    run_kernels(FwdLaunch{p, variant, use_sm90(q, k, kernel_head_dim, variant), stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
     return {o, lse};
 }
 
@@ -341,6 +383,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("built_head_dims", &built_head_dims, "Head dims the kernels were compiled for");
     m.def("set_poison_outputs", [](bool on) { g_poison_outputs = on; },
           "Testing: fill outputs with NaN before each kernel runs");
+    m.def("built_sm90", [] { return kBuiltSm90; }, "Whether the Hopper (sm_90a) forward was built");
+    m.def("set_force_sm80", [](bool on) { g_force_sm80 = on; },
+          "Run the sm_80 forward on Hopper GPUs too (also FLASH_EXT_FORCE_SM80=1)");
+    m.def("set_sm90_overlap", [](bool on) { flash::sm90_overlap = on; },
+          "Testing: the Hopper forward with (default) or without its softmax / P V overlap");
     m.def("set_smem_cap", [](int bytes) { flash::smem_cap_for_testing = bytes; },
           "Testing: run as on a GPU that offers this much shared memory per block (0: the GPU's own)");
 }

@@ -100,6 +100,10 @@ struct BwdParams {
 // only this much shared memory per block: the backward then takes its small tiles.
 inline int smem_cap_for_testing = 0;
 
+// Tests and benchmarks clear this to run the Hopper forward without its
+// softmax / P·V overlap (both variants are built; see fwd_sm90.cuh).
+inline bool sm90_overlap = true;
+
 // A window side without a bound (far beyond any sequence, far from int overflow).
 inline constexpr int kUnboundedWindow = 1 << 30;
 
@@ -115,5 +119,20 @@ void run_fwd_sm80(const FwdParams& params, cudaStream_t stream);
 // deterministic: dQ from its own pass over the key blocks instead of atomic adds.
 template <typename T, int kHeadDim, bool kCausal, bool kBand, bool kSoftcap>
 void run_bwd_sm80(const BwdParams& params, bool deterministic, cudaStream_t stream);
+
+// Head dims with a Hopper (sm_90a) forward; it runs where the tensors' head dim is
+// exactly one of them, without a window or soft-capping (flash_api.cpp decides).
+inline constexpr int kSm90HeadDims[] = {64, 128, 256};
+
+constexpr bool is_sm90_head_dim(int head_dim) {
+    for (int d : kSm90HeadDims) {
+        if (d == head_dim) return true;
+    }
+    return false;
+}
+
+// Defined once per (type, head dim, causal) in a generated .cu file when the build targets sm_90a.
+template <typename T, int kHeadDim, bool kCausal>
+void run_fwd_sm90(const FwdParams& params, cudaStream_t stream);
 
 }  // namespace flash

@@ -82,6 +82,53 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
         : "memory");
 }
 
+// Copy a box from shared memory to the tensor in global memory (the reverse of
+// tma_load_4d); parts of the box past the tensor's end are not written. The copy
+// joins this thread's bulk group: commit it, then wait before the shared memory is
+// reused or the block exits.
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+            reinterpret_cast<uint64_t>(map)),
+        "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+        : "memory");
+}
+
+// Close this thread's group of bulk copies (cp.async.bulk.commit_group).
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// Wait until every committed bulk copy of this thread has finished reading its source.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+
+// ---- A 32-bit store to shared memory at a shared-memory address (st.shared, 9.7.9.9).
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t value) {
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(value) : "memory");
+}
+
+// ---- Named barriers (9.7.13.1): bar.sync on barrier `id` (1-15; 0 is __syncthreads)
+// waits until `threads` threads (a multiple of 32) have arrived; bar.arrive arrives
+// without waiting. They let one warpgroup synchronise without the others.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- setmaxnreg (9.7.17.1): a warpgroup lowers or raises its per-thread register
+// budget, so that warpgroups with little state (TMA producers) give registers to
+// those with much (matrix-product consumers). All threads of the warpgroup execute it.
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
 // ---- wgmma (9.7.15): a warpgroup (4 consecutive warps, the first a multiple of 4)
 // computes D (64 x N, float32, in registers) += A (64 x 16) B (16 x N), A from
 // shared memory (a descriptor) or registers, B from shared memory. Asynchronous:
@@ -97,6 +144,16 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Pin the registers of x at this point of the program: the compiler may neither
+// move their reads and writes across it nor assume their values unchanged. Put
+// after wgmma_wait (the accumulators of the finished products are ready here) and
+// before issuing products on registers just written.
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&x)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(x[i])::"memory");
 }
 
 // Shared-memory matrix descriptor (9.7.15.5.1.2) of a tile in the 128-byte

@@ -64,13 +64,16 @@ struct SumOp {
 };
 
 // Reduce x[0..N) (N a power of two) pairwise, log2(N) deep; x is overwritten.
-template <int N, typename Op>
+// The levels recurse at compile time (x[i] = op(x[i], x[i + W]) for W = N/2, ..., 1),
+// so x stays in registers wherever it is inlined.
+template <int W = 0, int N, typename Op>
 __device__ __forceinline__ float tree_reduce(float (&x)[N], Op op) {
     static_assert((N & (N - 1)) == 0, "power of two");
+    constexpr int kWidth = W == 0 ? N / 2 : W;
+    if constexpr (kWidth >= 1) {
 #pragma unroll
-    for (int w = N / 2; w >= 1; w /= 2) {
-#pragma unroll
-        for (int i = 0; i < w; ++i) x[i] = op(x[i], x[i + w]);
+        for (int i = 0; i < kWidth; ++i) x[i] = op(x[i], x[i + kWidth]);
+        if constexpr (kWidth > 1) return tree_reduce<kWidth / 2>(x, op);
     }
     return x[0];
 }

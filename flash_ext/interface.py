@@ -140,12 +140,14 @@ def _check_cuda_inputs(q, k, v):
 
 def implementation(device):
     """Which code flash_ext.attention runs for tensors on `device`: "kernel" or "reference",
-    for the forward and the backward, and the head dims the kernels were built for."""
+    for the forward and the backward, the head dims the kernels were built for, and whether
+    the Hopper (sm_90a) forward was built."""
     kernels = torch.device(device).type == "cuda" and _C is not None
     return {
         "forward": "kernel" if kernels else "reference",
         "backward": "kernel" if kernels else "reference",
         "built_head_dims": _C.built_head_dims() if _C is not None else None,
+        "built_sm90_forward": _C.built_sm90() if _C is not None else None,
     }
 
 

@@ -1,8 +1,9 @@
 """A few small forward and backward calls for compute-sanitizer (tests/sanitize.sh):
 ragged tiles, causal with Nq != Nk, GQA, several head dims, the backward with
 atomic and deterministic dQ, with its fast tiles and with the small ones (the
-shared memory capped at 99 KB); the band kernels (windows, soft-capping). Exits
-non-zero on a bad result."""
+shared memory capped at 99 KB); the band kernels (windows, soft-capping). On a
+Hopper GPU the forward also runs as each of its kernels: the sm_90a one with and
+without its softmax overlap, and the sm_80 one. Exits non-zero on a bad result."""
 
 import sys
 
@@ -20,7 +21,11 @@ CASES = [  # (b, hq, hkv, nq, nk, d, causal, dtype, window, softcap)
     (1, 2, 1, 129, 77, 128, False, torch.bfloat16, (20, 5), None),
     (1, 2, 2, 100, 300, 64, True, torch.float16, (50, -1), 30.0),
     (1, 1, 1, 200, 130, 256, False, torch.bfloat16, None, 20.0),
+    (1, 2, 2, 300, 700, 64, False, torch.float16, None, None),  # more key tiles than stages
+    (1, 2, 1, 257, 600, 256, True, torch.bfloat16, None, None),
 ]
+# Forward kernel choices on Hopper: (force the sm_80 kernel, the sm_90a kernel's overlap).
+FORWARD_KERNELS = [(False, True), (False, False), (True, True)]
 
 
 def main():
@@ -31,9 +36,14 @@ def main():
         k = torch.randn(b, hkv, nk, d, device="cuda").to(dtype)
         v = torch.randn(b, hkv, nk, d, device="cuda").to(dtype)
         do = torch.randn(b, hq, nq, d, device="cuda").to(dtype)
-        o = flash_ext.attention(q, k, v, **band)
         ref, lse = reference.attention_forward(q.float(), k.float(), v.float(), **band)
-        worst = max(worst, (o.float() - ref).abs().max().item())
+        for force_sm80, overlap in FORWARD_KERNELS:
+            flash_ext.interface._C.set_force_sm80(force_sm80)
+            flash_ext.interface._C.set_sm90_overlap(overlap)
+            o = flash_ext.attention(q, k, v, **band)
+            worst = max(worst, (o.float() - ref).abs().max().item())
+        flash_ext.interface._C.set_force_sm80(False)
+        flash_ext.interface._C.set_sm90_overlap(True)
         want = reference.attention_backward(do.float(), q.float(), k.float(), v.float(), ref, lse, **band)
         for smem_cap in (0, 99 * 1024):
             flash_ext.interface._C.set_smem_cap(smem_cap)

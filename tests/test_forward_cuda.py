@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flash_ext
 from flash_ext import reference
 
-from cuda_grid import ABS_SLACK, grid_batch_heads, over_grid, poison_outputs, rand  # noqa: F401 (autouse fixture)
+from cuda_grid import (ABS_SLACK, DTYPES, LENGTHS, grid_batch_heads, over_grid,  # noqa: F401 (autouse fixture)
+                       poison_outputs, rand)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -77,6 +78,90 @@ def test_forward_grid(dtype, d, causal, nq, nk):
     b, h = grid_batch_heads(nq, nk)
     seed = zlib.crc32(repr((dtype, d, causal, nq, nk)).encode())
     check_forward(*make_qkv(b, h, h, nq, nk, d, dtype, seed), causal)
+
+
+# On a Hopper GPU the forward grid above runs the sm_90a kernel at these head dims (with its
+# softmax overlap); the two grids below run the same cases on its other variant and on the
+# sm_80 kernel, so that neither goes untested there.
+_C = flash_ext.interface._C
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+SM90_HEAD_DIMS = [64, 128, 256]
+on_hopper_with_sm90 = pytest.mark.skipif(not (HOPPER and _C is not None and _C.built_sm90()),
+                                         reason="needs a Hopper GPU and the sm_90a forward built")
+
+
+@pytest.fixture
+def forward_kernel(request):
+    """Sets (force_sm80, sm90_overlap) for one test, and restores the defaults after it."""
+    force_sm80, overlap = request.param
+    _C.set_force_sm80(force_sm80)
+    _C.set_sm90_overlap(overlap)
+    yield
+    _C.set_force_sm80(False)
+    _C.set_sm90_overlap(True)
+
+
+@on_hopper_with_sm90
+@pytest.mark.parametrize("forward_kernel", [(True, True), (False, False)], ids=["sm80", "sm90_no_overlap"],
+                         indirect=True)
+@pytest.mark.parametrize("nq,nk", LENGTHS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", SM90_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_grid_other_kernels_on_hopper(forward_kernel, dtype, d, causal, nq, nk):
+    b, h = grid_batch_heads(nq, nk)
+    seed = zlib.crc32(repr((dtype, d, causal, nq, nk, "other")).encode())
+    check_forward(*make_qkv(b, h, h, nq, nk, d, dtype, seed), causal)
+
+
+def forward_kernel_names(q, k, v, **kwargs):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        flash_ext.attention(q, k, v, **kwargs)
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
+@on_hopper_with_sm90
+def test_hopper_runs_the_sm90_forward_where_it_applies():
+    """Exact head dims 64/128/256 without a window or cap run fwd_kernel_sm90; other head
+    dims, windows, caps and the forced switch run the sm_80 kernels."""
+    for d in SM90_HEAD_DIMS:
+        q, k, v = make_qkv(1, 2, 2, 300, 300, d, torch.bfloat16, d)
+        assert "fwd_kernel_sm90" in forward_kernel_names(q, k, v, causal=True)
+        assert "fwd_kernel_sm90" not in forward_kernel_names(q, k, v, window=(32, 0))
+        assert "fwd_kernel_sm90" not in forward_kernel_names(q, k, v, softcap=10.0)
+        _C.set_force_sm80(True)
+        try:
+            names = forward_kernel_names(q, k, v)
+        finally:
+            _C.set_force_sm80(False)
+        assert "fwd_kernel_sm90" not in names and "fwd_kernel_sm80" in names
+    q, k, v = make_qkv(1, 2, 2, 300, 300, 96, torch.bfloat16, 96)
+    assert "fwd_kernel_sm90" not in forward_kernel_names(q, k, v)
+    q, k, v = make_qkv(1, 2, 2, 300, 300, 120, torch.bfloat16, 120)  # runs on 128 with padded columns
+    assert "fwd_kernel_sm90" not in forward_kernel_names(q, k, v)
+
+
+@on_hopper_with_sm90
+@pytest.mark.parametrize("d", SM90_HEAD_DIMS)
+def test_sm90_forward_then_backward(d):
+    """The backward runs unchanged on the Hopper forward's O and LSE."""
+    q, k, v = (x.requires_grad_() for x in make_qkv(2, 4, 2, 333, 517, d, torch.bfloat16, 100 + d))
+    do = torch.randn_like(q)
+    out = flash_ext.attention(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    qf, kf, vf = (x.detach().float() for x in (q, k, v))
+    ref_o, ref_lse = reference.attention_forward(qf, kf, vf, causal=True)
+    want = reference.attention_backward(do.float(), qf, kf, vf, ref_o, ref_lse, causal=True)
+    _C.set_force_sm80(True)
+    try:
+        grads80 = torch.autograd.grad(flash_ext.attention(q, k, v, causal=True), (q, k, v), do)
+    finally:
+        _C.set_force_sm80(False)
+    for g, g80, w in zip(grads, grads80, want):
+        assert not torch.isnan(g).any()
+        err, err80 = (g.float() - w).abs().max().item(), (g80.float() - w).abs().max().item()
+        assert err <= 2 * err80 + ABS_SLACK, f"gradient error {err:.3e} vs {err80:.3e} on the sm_80 forward"
 
 
 @pytest.mark.parametrize("d", [40, 72, 136, 200])
