@@ -101,13 +101,8 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     int head = blockIdx.y, batch = blockIdx.z;
     if (kCausal && p.causal_head_group > 0) {
-        const int m_blocks = ceil_div(p.seqlen_q, kBlockM);
-        const int first = blockIdx.x / (p.causal_head_group * m_blocks) * p.causal_head_group;
-        const int group = min(p.causal_head_group, p.batch * p.heads_q - first);  // the last may be smaller
-        const int i = blockIdx.x - first * m_blocks;                              // position in the group
-        m_block = m_blocks - 1 - i / group;
-        head = (first + i % group) % p.heads_q;
-        batch = (first + i % group) / p.heads_q;
+        const FwdBlock block = fwd_block<kCausal>(p, ceil_div(p.seqlen_q, kBlockM), blockIdx.x);
+        m_block = block.m_block, head = block.head, batch = block.batch;
     }
     const int head_kv = head / (p.heads_q / p.heads_kv);
     const int warp = threadIdx.x / kWarpSize;
@@ -418,13 +413,6 @@ fwd_kernel_sm80(const __grid_constant__ FwdParams p) {
     store_tile_warp<Tile, Tile::kWarpRows, kHeadDim>(o_g, p.o_row_stride, o_stage, warp_m0, p.seqlen_q, p.head_dim);
 }
 
-// Causal launch order (launcher): longest first from this many row blocks per
-// head on, within groups of at least kLongestFirstMinHeads (batch, head) pairs,
-// more while their K and V fit in kLongestFirstGroupBytes of L2.
-constexpr int kLongestFirstMinBlocks = 16;
-constexpr int kLongestFirstMinHeads = 32;
-constexpr double kLongestFirstGroupBytes = 32.0 * 1024 * 1024;
-
 template <typename Tag, typename Tile, bool kCausal, bool kBand = false, bool kSoftcap = false>
 void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
     auto kernel = fwd_kernel_sm80<typename DeviceType<Tag>::type, Tile, kCausal, kBand, kSoftcap>;
@@ -440,15 +428,10 @@ void launch_fwd_sm80_tile(const FwdParams& p, cudaStream_t stream) {
     // V fit in part of the L2, but never fewer than kLongestFirstMinHeads
     // (smaller groups measured slower). bench/PERFORMANCE.md, v9 and v12.
     const int m_blocks = ceil_div(p.seqlen_q, Tile::kBlockM);
-    const int pairs = p.batch * p.heads_q;
-    const double kv_bytes_per_head = 4.0 * p.seqlen_k * p.head_dim / (p.heads_q / p.heads_kv);
-    const int fitting = kv_bytes_per_head * pairs <= kLongestFirstGroupBytes
-                            ? pairs
-                            : static_cast<int>(kLongestFirstGroupBytes / kv_bytes_per_head);
     FwdParams params = p;
-    params.causal_head_group =
-        kCausal && m_blocks >= kLongestFirstMinBlocks ? std::min(pairs, std::max(kLongestFirstMinHeads, fitting)) : 0;
-    const dim3 grid = params.causal_head_group > 0 ? dim3(pairs * m_blocks) : dim3(m_blocks, p.heads_q, p.batch);
+    params.causal_head_group = kCausal ? causal_head_group(p, m_blocks) : 0;
+    const dim3 grid = params.causal_head_group > 0 ? dim3(p.batch * p.heads_q * m_blocks)
+                                                   : dim3(m_blocks, p.heads_q, p.batch);
     kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
     check_cuda(cudaGetLastError(), "flash_ext forward launch");
 }

@@ -1,17 +1,23 @@
-// FlashAttention forward for Hopper (sm_90a): warp-specialised, asynchronous.
+// FlashAttention forward for Hopper (sm_90a): warp-specialised, asynchronous, persistent.
 //
-// A thread block owns kBlockM query rows of one (batch, head) and has three
-// warpgroups. The producer (warpgroup 0, few registers) loads Q once and the
-// K and V tiles into a ring of kStages shared-memory stages with TMA, each
-// copy completing on a "full" mbarrier; consumers free a stage's K and its V,
-// each on its own "empty" mbarrier, once their products have read it. Each
-// consumer warpgroup (64 query rows, many registers) computes S = Q Kᵀ and
-// O += P V with wgmma and the online softmax in registers. With kOverlap, a
-// consumer issues the next tile's S = Q Kᵀ and the last tile's O += P V
-// together and runs the softmax while the second is in flight, and the two
-// consumers take turns to issue (named barriers), so that one's softmax runs
-// while the other's products keep the tensor cores busy. Key tiles are visited last first, the masked
-// ones (causal diagonal, ragged tail) before the rest, as in the sm_80 kernel.
+// One thread block per SM takes query blocks of kBlockM rows of one (batch,
+// head) from a scheduler (an atomic counter over the blocks in launch order:
+// head by head, or longest first within groups of heads when causal; see
+// fwd_block) until none are left. It has 1 + kConsumers warpgroups. The
+// producer (warpgroup 0, few registers) takes the next block, loads its Q and
+// its K and V tiles into a ring of kStages shared-memory stages with TMA, each
+// copy completing on a "full" mbarrier; the consumers free a stage's K and its V,
+// each on its own "empty" mbarrier, once their products have read it, and Q's
+// buffer once their last S = Q Kᵀ of the block is done. So the next block's Q and
+// first K and V load while the consumers finish the last block, whose O they
+// write from registers. Each consumer
+// warpgroup (64 query rows, many registers) computes S = Q Kᵀ and O += P V with
+// wgmma and the online softmax in registers. With kOverlap, a consumer issues
+// the next tile's S = Q Kᵀ and the last tile's O += P V together and runs the
+// softmax while the second is in flight, and the consumers take turns to issue
+// (named barriers), so that one's softmax runs while the others' products keep
+// the tensor cores busy. Key tiles are visited last first, the masked ones
+// (causal diagonal, ragged tail) before the rest, as in the sm_80 kernel.
 //
 // Shared memory holds each tile as boxes of 64 columns (128 bytes a row, the
 // 128-byte swizzle that TMA writes and wgmma's descriptors read); tensor maps
@@ -27,15 +33,15 @@
 #include <type_traits>
 
 #include "ptx_sm90.cuh"
-#include "tile_sm80.cuh"  // element types, reductions, key_tiles, launch helpers
+#include "tile_sm80.cuh"  // element types, reductions, key_tiles, fwd_block, launch helpers
 
 namespace flash {
 
 // One tile configuration of the Hopper forward.
-template <int kHeadDim_, int kBlockN_, int kStages_>
+template <int kHeadDim_, int kBlockN_, int kStages_, int kConsumers_>
 struct FwdTileSm90 {
     static constexpr int kHeadDim = kHeadDim_;
-    static constexpr int kConsumers = 2;                      // consumer warpgroups
+    static constexpr int kConsumers = kConsumers_;            // consumer warpgroups
     static constexpr int kWarpgroupRows = 64;                 // the M of one wgmma
     static constexpr int kBlockM = kConsumers * kWarpgroupRows;
     static constexpr int kBlockN = kBlockN_;
@@ -46,17 +52,18 @@ struct FwdTileSm90 {
     static constexpr int kBoxes = kHeadDim / kBoxCols;
     static constexpr int kQBytes = kBlockM * kHeadDim * 2;
     static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
-    static constexpr int kBarriers = 1 + 4 * kStages;         // Q full; K and V full and empty per stage
-    // 1024 bytes of slack to align the tiles to the swizzle's 1024-byte period.
-    static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers;
-    // Register budgets per thread after setmaxnreg: 128·24 + 256·240 <= 64K registers.
-    static constexpr int kProducerRegs = 24;
-    static constexpr int kConsumerRegs = 240;
+    static constexpr int kBarriers = 2 + 4 * kStages;         // Q full and empty; K and V full and empty per stage
+    // 1024 bytes of slack to align the tiles to the swizzle's 1024-byte period; the
+    // barriers, then the scheduler's answer (an int).
+    static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 8;
+    // Register budgets per thread after setmaxnreg (multiples of 8, at most 240), within 64K.
+    static constexpr int kProducerRegs = 56;
+    static constexpr int kConsumerRegs = std::min(240, (64 * 1024 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8);
 
     static_assert(kHeadDim % kBoxCols == 0 && kHeadDim <= 256, "head dim: 64, 128, 192 or 256");
     static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N");
+    static_assert(kBlockM <= 256, "TMA box rows");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
-    static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 64 * 1024, "registers");
 };
 
 // The tile sizes of the Hopper forward per head dim: the one place they are chosen.
@@ -64,21 +71,21 @@ struct FwdTileSm90 {
 // key tile shrinks as the head dim grows; two stages fill the shared memory at 256.
 template <int kHeadDim>
 struct FwdConfigSm90 {
-    using Tile = FwdTileSm90<kHeadDim, (kHeadDim <= 128 ? 128 : 64), 2>;
+    using Tile = FwdTileSm90<kHeadDim, (kHeadDim <= 128 ? 128 : 64), 2, 2>;
 };
 
 // kOverlap: the softmax of tile j runs while O += P V of tile j - 1 is in flight.
 template <typename T, typename Tile, bool kCausal, bool kOverlap>
 __global__ void __launch_bounds__(Tile::kThreads, 1)
 fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap q_map,
-                const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
-                const __grid_constant__ CUtensorMap o_map) {
+                const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace sm90;
     constexpr int kHeadDim = Tile::kHeadDim;
     constexpr int kBlockM = Tile::kBlockM;
     constexpr int kBlockN = Tile::kBlockN;
     constexpr int kStages = Tile::kStages;
+    constexpr int kConsumers = Tile::kConsumers;
     constexpr int kSwizzleRow = 128;             // bytes per swizzled row
     constexpr int kQSteps = kHeadDim / 16;       // k-steps of S = Q Kᵀ
     constexpr int kPSteps = kBlockN / 16;        // k-steps of O += P V
@@ -88,24 +95,31 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     const uint32_t k_smem = q_smem + Tile::kQBytes;                    // [kStages][kBoxes][kBlockN][64]
     const uint32_t v_smem = k_smem + kStages * Tile::kKVBytes;         // [kStages][kBoxes][kBlockN][64]
     const uint32_t barriers = v_smem + kStages * Tile::kKVBytes;
-    const uint32_t q_full = barriers;
-    auto k_full = [&](int stage) { return barriers + 8 * (1 + stage); };
-    auto v_full = [&](int stage) { return barriers + 8 * (1 + kStages + stage); };
-    auto k_empty = [&](int stage) { return barriers + 8 * (1 + 2 * kStages + stage); };
-    auto v_empty = [&](int stage) { return barriers + 8 * (1 + 3 * kStages + stage); };
+    const uint32_t q_full = barriers, q_empty = barriers + 8;
+    auto k_full = [&](int stage) { return barriers + 8 * (2 + stage); };
+    auto v_full = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
+    auto k_empty = [&](int stage) { return barriers + 8 * (2 + 2 * kStages + stage); };
+    auto v_empty = [&](int stage) { return barriers + 8 * (2 + 3 * kStages + stage); };
+    const uint32_t taken = barriers + 8 * Tile::kBarriers;  // the block the producer took last
 
-    const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // causal: longest rows first
-    const int head = blockIdx.y, batch = blockIdx.z;
-    const int head_kv = head / (p.heads_q / p.heads_kv);
-    const int m0 = m_block * kBlockM;
-    // Query i sees keys j <= i + diag (causal, bottom-right aligned).
-    const int diag = p.seqlen_k - p.seqlen_q;
-    const KeyTiles keys = key_tiles<kBlockM, kBlockN, kCausal>(m0, diag, p.seqlen_k);
-    const int n_tiles = keys.count, n_masked = keys.count - keys.masked_from;
+    // Query block `index` (launch order) and the key tiles it visits.
+    const int m_blocks = ceil_div(p.seqlen_q, kBlockM);
+    const int n_blocks = m_blocks * p.heads_q * p.batch;
+    const int diag = p.seqlen_k - p.seqlen_q;  // query i sees keys j <= i + diag (causal, bottom-right aligned)
+    struct Work {
+        int m0, head, batch, n_tiles, n_masked;
+    };
+    auto work_of = [&](int index) {
+        const FwdBlock block = fwd_block<kCausal>(p, m_blocks, index);
+        const int m0 = block.m_block * kBlockM;
+        const KeyTiles keys = key_tiles<kBlockM, kBlockN, kCausal>(m0, diag, p.seqlen_k);
+        return Work{m0, block.head, block.batch, keys.count, keys.count - keys.masked_from};
+    };
 
     const int warpgroup = threadIdx.x / 128;
     if (threadIdx.x == 0) {
         mbarrier_init(q_full, 1);
+        mbarrier_init(q_empty, Tile::kConsumerWarps);
         for (int stage = 0; stage < kStages; ++stage) {
             mbarrier_init(k_full(stage), 1);
             mbarrier_init(v_full(stage), 1);
@@ -116,29 +130,48 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     }
     __syncthreads();
 
-    // ---- Producer: Q, then the key tiles from the last, each into the next free stage.
+    // ---- Producer: per block, Q, then the key tiles from the last, each into the next free stage.
     if (warpgroup == 0) {
         setmaxnreg_dec<Tile::kProducerRegs>();
         if (threadIdx.x == 0) {
-            mbarrier_arrive_expect_tx(q_full, Tile::kQBytes);
-            for (int box = 0; box < Tile::kBoxes; ++box)
-                tma_load_4d(q_smem + box * kBlockM * kSwizzleRow, &q_map, q_full, box * Tile::kBoxCols, m0, head,
-                            batch);
-            for (int it = 0; it < n_tiles; ++it) {
-                const int tile = n_tiles - 1 - it, stage = it % kStages;
-                // Round r of a stage waits for the consumers' release of round r - 1 (none before round 0).
-                const int released = ((it / kStages) & 1) ^ 1;
-                const uint32_t k_stage = k_smem + stage * Tile::kKVBytes, v_stage = v_smem + stage * Tile::kKVBytes;
-                mbarrier_wait(k_empty(stage), released);
-                mbarrier_arrive_expect_tx(k_full(stage), Tile::kKVBytes);
+            // Hand the consumers block `index` (or the end) and load its Q, once they are
+            // done with the last block's.
+            auto start_block = [&](int round, int index, const Work& w) {
+                if (round > 0) mbarrier_wait(q_empty, (round - 1) & 1);
+                st_shared_u32(taken, index);  // read by the consumers after q_full
+                if (index >= n_blocks) return mbarrier_arrive(q_full);
+                mbarrier_arrive_expect_tx(q_full, Tile::kQBytes);
                 for (int box = 0; box < Tile::kBoxes; ++box)
-                    tma_load_4d(k_stage + box * kBlockN * kSwizzleRow, &k_map, k_full(stage), box * Tile::kBoxCols,
-                                tile * kBlockN, head_kv, batch);
-                mbarrier_wait(v_empty(stage), released);
-                mbarrier_arrive_expect_tx(v_full(stage), Tile::kKVBytes);
-                for (int box = 0; box < Tile::kBoxes; ++box)
-                    tma_load_4d(v_stage + box * kBlockN * kSwizzleRow, &v_map, v_full(stage), box * Tile::kBoxCols,
-                                tile * kBlockN, head_kv, batch);
+                    tma_load_4d(q_smem + box * kBlockM * kSwizzleRow, &q_map, q_full, box * Tile::kBoxCols, w.m0,
+                                w.head, w.batch);
+            };
+            int stage = 0, released = 1;  // the ring's next stage; the parity of its last release
+            for (int round = 0;; ++round) {
+                const int index = atomicAdd(p.block_counter, 1);
+                const bool done = index >= n_blocks;
+                const Work w = work_of(done ? 0 : index);
+                const int head_kv = w.head / (p.heads_q / p.heads_kv);
+                const int n_tiles = done ? 0 : w.n_tiles;
+                // The block's first K tile loads while the consumers finish the last block.
+                for (int it = 0; it < n_tiles; ++it) {
+                    const int tile = n_tiles - 1 - it;
+                    const uint32_t k_stage = k_smem + stage * Tile::kKVBytes, v_stage = v_smem + stage * Tile::kKVBytes;
+                    mbarrier_wait(k_empty(stage), released);
+                    mbarrier_arrive_expect_tx(k_full(stage), Tile::kKVBytes);
+                    for (int box = 0; box < Tile::kBoxes; ++box)
+                        tma_load_4d(k_stage + box * kBlockN * kSwizzleRow, &k_map, k_full(stage),
+                                    box * Tile::kBoxCols, tile * kBlockN, head_kv, w.batch);
+                    if (it == 0) start_block(round, index, w);
+                    mbarrier_wait(v_empty(stage), released);
+                    mbarrier_arrive_expect_tx(v_full(stage), Tile::kKVBytes);
+                    for (int box = 0; box < Tile::kBoxes; ++box)
+                        tma_load_4d(v_stage + box * kBlockN * kSwizzleRow, &v_map, v_full(stage),
+                                    box * Tile::kBoxCols, tile * kBlockN, head_kv, w.batch);
+                    // Round r of a stage waits for the consumers' release of round r - 1 (none before round 0).
+                    if (++stage == kStages) stage = 0, released ^= 1;
+                }
+                if (n_tiles == 0) start_block(round, index, w);  // no keys to load, or no block left
+                if (done) break;
             }
         }
         return;
@@ -149,8 +182,8 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     const int consumer = warpgroup - 1;
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int wg_row0 = consumer * Tile::kWarpgroupRows;       // the warpgroup's first row in the block
-    const int row0 = m0 + wg_row0 + warp * 16 + lane / 4;       // this thread's rows: row0, row0 + 8
-    const int col0 = 2 * (lane % 4);                            // and columns 8j + col0, + 1 of each 8
+    const int col0 = 2 * (lane % 4);                            // this thread's columns: 8j + col0, + 1 of each 8
+    int row0 = 0;                                               // and rows: row0, row0 + 8 (set per block)
 
     // Descriptors of k-step s. Q, K: K-major, step s is 32 bytes into box s / 4. V: MN-major
     // (keys are the k index), 16 keys (rows) per step, boxes kBlockN rows apart.
@@ -169,9 +202,9 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     // Accumulator element 4j + i of a thread: row row0 + 8·(i / 2), column 8j + col0 + i % 2.
     using Scores = float[kBlockN / 2];          // S, then P (float): 64 x kBlockN per warpgroup
     using Probs = uint32_t[kPSteps][4];         // P as wgmma A fragments, two elements per register
-    float o_acc[kHeadDim / 2] = {};             // O: 64 x kHeadDim per warpgroup
-    float row_max[2] = {-INFINITY, -INFINITY};  // m, of the raw scores Q Kᵀ
-    float row_sum[2] = {0.f, 0.f};              // l, this thread's partial sums
+    float o_acc[kHeadDim / 2];                  // O: 64 x kHeadDim per warpgroup
+    float row_max[2];                           // m, of the raw scores Q Kᵀ
+    float row_sum[2];                           // l, this thread's partial sums
 
     // S = Q Kᵀ, issued (one commit group).
     auto issue_qk = [&](Scores& s, int stage) {
@@ -188,14 +221,16 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
         for (int ks = 0; ks < kPSteps; ++ks) Wgmma<kHeadDim, T>::template rs<true>(o_acc, pf[ks], v_desc(stage, ks), 1);
         wgmma_commit();
     };
-    // Every warp of both consumers arrives once its products are done with a stage's K or V.
+    // Every warp of the consumers arrives once its products are done with a stage's K or V.
     auto release = [&](uint32_t empty) {
         if (lane == 0) mbarrier_arrive(empty);
     };
     // Overlapped, the consumers take turns to issue their products, round robin: consumer
     // c waits on named barrier kTurn + c until consumer c - 1 has issued and arrived there.
-    constexpr int kTurn = 1 + Tile::kConsumers;  // 1 .. kConsumers: the epilogue's per-warpgroup barriers
-    const int next = (consumer + 1) % Tile::kConsumers;
+    // The last consumer passes consumer 0 the first turn; consumer 0 takes the last consumer's
+    // final pass after the last block, so that every pass has its wait.
+    constexpr int kTurn = 1;  // named barriers 1 .. kConsumers (0 is __syncthreads)
+    const int next = (consumer + 1) % kConsumers;
     auto wait_turn = [&] { named_barrier_sync(kTurn + consumer, 256); };
     auto pass_turn = [&] { named_barrier_arrive(kTurn + next, 256); };
 
@@ -253,126 +288,138 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
             for (int i = 0; i < 4; ++i) pf[ks][i] = pack2<T>(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
     };
 
-    mbarrier_wait(q_full, 0);
-    auto tile_of = [&](int it) { return n_tiles - 1 - it; };
-    auto phase_of = [&](int it) { return (it / kStages) & 1; };
-
-    if constexpr (!kOverlap) {
-        // One tile: S = Q Kᵀ; softmax; O = α·O; O += P V.
-        auto step = [&](int it, auto masked) {
-            const int stage = it % kStages;
-            Scores s;
-            mbarrier_wait(k_full(stage), phase_of(it));
-            issue_qk(s, stage);
-            wgmma_wait<0>();
-            fence_operands(s);
-            release(k_empty(stage));
-            float alpha[2];
-            softmax(s, tile_of(it), masked, alpha);
-            rescale_o(alpha);
+    // One block's rows: O and the softmax statistics over its key tiles, whose K and V
+    // tiles are the ring's loads `ring` on.
+    auto attend = [&](const Work& w, int ring) {
+        auto stage_of = [&](int it) { return (ring + it) % kStages; };
+        auto phase_of = [&](int it) { return ((ring + it) / kStages) & 1; };
+        auto tile_of = [&](int it) { return w.n_tiles - 1 - it; };
+        // S = Q Kᵀ of tile it is done: its K stage is free, and after the last tile Q's buffer.
+        auto release_k = [&](int it) {
+            release(k_empty(stage_of(it)));
+            if (it == w.n_tiles - 1) release(q_empty);
+        };
+        if (w.n_tiles == 0) {  // no S = Q Kᵀ: Q's buffer is free once every lane has read `taken`
+            __syncwarp();
+            release(q_empty);
+        }
+        if constexpr (!kOverlap) {
+            // One tile: S = Q Kᵀ; softmax; O = α·O; O += P V.
+            auto step = [&](int it, auto masked) {
+                const int stage = stage_of(it);
+                Scores s;
+                mbarrier_wait(k_full(stage), phase_of(it));
+                issue_qk(s, stage);
+                wgmma_wait<0>();
+                fence_operands(s);
+                release_k(it);
+                float alpha[2];
+                softmax(s, tile_of(it), masked, alpha);
+                rescale_o(alpha);
+                Probs pf;
+                to_fragments(s, pf);
+                mbarrier_wait(v_full(stage), phase_of(it));
+                issue_pv(pf, stage);
+                wgmma_wait<0>();
+                fence_operands(o_acc);
+                release(v_empty(stage));
+            };
+            int it = 0;
+            for (; it < w.n_masked; ++it) step(it, std::true_type{});
+            for (; it < w.n_tiles; ++it) step(it, std::false_type{});
+        } else if (w.n_tiles > 0) {
+            // Tile 0's S and P first; then each step issues S of tile it and O += P V of tile
+            // it - 1, and runs tile it's softmax while the latter is in flight.
             Probs pf;
-            to_fragments(s, pf);
-            mbarrier_wait(v_full(stage), phase_of(it));
-            issue_pv(pf, stage);
+            {
+                Scores s;
+                float alpha[2];
+                mbarrier_wait(k_full(stage_of(0)), phase_of(0));
+                wait_turn();
+                issue_qk(s, stage_of(0));
+                pass_turn();
+                wgmma_wait<0>();
+                fence_operands(s);
+                release_k(0);
+                if (w.n_masked > 0) softmax(s, tile_of(0), std::true_type{}, alpha);
+                else softmax(s, tile_of(0), std::false_type{}, alpha);
+                to_fragments(s, pf);  // O is still 0: α has nothing to scale
+            }
+            auto step = [&](int it, auto masked) {
+                const int stage = stage_of(it), prev = stage_of(it - 1);
+                Scores s;
+                mbarrier_wait(k_full(stage), phase_of(it));
+                mbarrier_wait(v_full(prev), phase_of(it - 1));
+                wait_turn();
+                issue_qk(s, stage);
+                issue_pv(pf, prev);
+                pass_turn();
+                wgmma_wait<1>();  // S has landed; O += P V still runs
+                fence_operands(s);
+                release_k(it);
+                float alpha[2];
+                softmax(s, tile_of(it), masked, alpha);
+                wgmma_wait<0>();
+                fence_operands(o_acc);
+                release(v_empty(prev));
+                rescale_o(alpha);
+                to_fragments(s, pf);
+            };
+            int it = 1;
+            for (; it < w.n_masked; ++it) step(it, std::true_type{});
+            for (; it < w.n_tiles; ++it) step(it, std::false_type{});
+            const int last = stage_of(w.n_tiles - 1);
+            mbarrier_wait(v_full(last), phase_of(w.n_tiles - 1));
+            wait_turn();
+            issue_pv(pf, last);
+            pass_turn();
             wgmma_wait<0>();
             fence_operands(o_acc);
-            release(v_empty(stage));
-        };
-        int it = 0;
-        for (; it < n_masked; ++it) step(it, std::true_type{});
-        for (; it < n_tiles; ++it) step(it, std::false_type{});
-    } else if (n_tiles > 0) {
-        // Tile 0's S and P first; then each step issues S of tile it and O += P V of tile it - 1,
-        // and runs tile it's softmax while the latter is in flight. Consumer 0 issues first (the
-        // last consumer passes it the first turn, and none after its last issue, so that every
-        // wait has exactly one pass).
-        const int issues = n_tiles + 1;
-        int issued = 0;
-        auto issue_done = [&] {
-            if (consumer + 1 < Tile::kConsumers || ++issued < issues) pass_turn();
-        };
-        if (consumer + 1 == Tile::kConsumers) pass_turn();
-        Probs pf;
-        {
-            Scores s;
-            float alpha[2];
-            mbarrier_wait(k_full(0), 0);
-            wait_turn();
-            issue_qk(s, 0);
-            issue_done();
-            wgmma_wait<0>();
-            fence_operands(s);
-            release(k_empty(0));
-            if (n_masked > 0) softmax(s, tile_of(0), std::true_type{}, alpha);
-            else softmax(s, tile_of(0), std::false_type{}, alpha);
-            to_fragments(s, pf);  // O is still 0: α has nothing to scale
+            release(v_empty(last));
         }
-        auto step = [&](int it, auto masked) {
-            const int stage = it % kStages, prev = (it - 1) % kStages;
-            Scores s;
-            mbarrier_wait(k_full(stage), phase_of(it));
-            mbarrier_wait(v_full(prev), phase_of(it - 1));
-            wait_turn();
-            issue_qk(s, stage);
-            issue_pv(pf, prev);
-            issue_done();
-            wgmma_wait<1>();  // S has landed; O += P V still runs
-            fence_operands(s);
-            release(k_empty(stage));
-            float alpha[2];
-            softmax(s, tile_of(it), masked, alpha);
-            wgmma_wait<0>();
-            fence_operands(o_acc);
-            release(v_empty(prev));
-            rescale_o(alpha);
-            to_fragments(s, pf);
-        };
-        int it = 1;
-        for (; it < n_masked; ++it) step(it, std::true_type{});
-        for (; it < n_tiles; ++it) step(it, std::false_type{});
-        const int last = (n_tiles - 1) % kStages;
-        mbarrier_wait(v_full(last), phase_of(n_tiles - 1));
-        wait_turn();
-        issue_pv(pf, last);
-        issue_done();
-        wgmma_wait<0>();
-        fence_operands(o_acc);
-        release(v_empty(last));
-    }
+    };
 
-    // O = O / l;  LSE = scale·m + ln l, the natural log of Σ exp(scale·S).
-    // The warpgroup stages its O in its own rows of Q's boxes (its products are done
-    // with them) in the swizzled layout, and one thread stores the boxes with TMA,
-    // which leaves out the rows past seqlen_q.
-    const int g = lane / 4;
+    // O = O / l;  LSE = scale·m + ln l, the natural log of Σ exp(scale·S). O goes from
+    // registers to global memory, four lanes 16 contiguous bytes of a row; Q's buffer,
+    // where it could be staged, already holds the next block's Q.
+    auto store = [&](const Work& w) {
+        T* o = static_cast<T*>(p.o) + w.batch * p.o_batch_stride + w.head * p.o_head_stride;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = row_sum[r];
-        l += __shfl_xor_sync(0xffffffff, l, 1);
-        l += __shfl_xor_sync(0xffffffff, l, 2);
-        const float inv_sum = l > 0.f ? 1.f / l : 0.f;
-        const int row = row0 + 8 * r;
-        if (lane % 4 == 0 && row < p.seqlen_q) {
-            p.lse[(static_cast<int64_t>(batch) * p.heads_q + head) * p.seqlen_q + row] =
-                l > 0.f ? row_max[r] * p.scale + logf(l) : -INFINITY;
-        }
-        const int smem_row = wg_row0 + warp * 16 + g + 8 * r;  // smem_row % 8 = g
+        for (int r = 0; r < 2; ++r) {
+            float l = row_sum[r];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const float inv_sum = l > 0.f ? 1.f / l : 0.f;
+            const int row = row0 + 8 * r;
+            if (row >= p.seqlen_q) continue;
+            if (lane % 4 == 0) {
+                p.lse[(static_cast<int64_t>(w.batch) * p.heads_q + w.head) * p.seqlen_q + row] =
+                    l > 0.f ? row_max[r] * p.scale + logf(l) : -INFINITY;
+            }
+            T* o_row = o + row * p.o_row_stride + col0;
 #pragma unroll
-        for (int j = 0; j < kHeadDim / 8; ++j) {
-            const uint32_t addr = q_smem + (j / 8) * kBlockM * kSwizzleRow + smem_row * kSwizzleRow
-                                  + (((j % 8) ^ g) * 16) + col0 * 2;
-            st_shared_u32(addr, pack2<T>(o_acc[4 * j + 2 * r] * inv_sum, o_acc[4 * j + 2 * r + 1] * inv_sum));
+            for (int j = 0; j < kHeadDim / 8; ++j)
+                *reinterpret_cast<uint32_t*>(o_row + 8 * j) =
+                    pack2<T>(o_acc[4 * j + 2 * r] * inv_sum, o_acc[4 * j + 2 * r + 1] * inv_sum);
         }
+    };
+
+    if (kOverlap && consumer + 1 == kConsumers) pass_turn();
+    int ring = 0;  // K and V tiles consumed so far
+    for (int round = 0;; ++round) {
+        mbarrier_wait(q_full, round & 1);
+        const int index = static_cast<int>(ld_shared_u32(taken));
+        if (index >= n_blocks) break;
+        const Work w = work_of(index);
+        row0 = w.m0 + wg_row0 + warp * 16 + lane / 4;
+#pragma unroll
+        for (int i = 0; i < kHeadDim / 2; ++i) o_acc[i] = 0.f;
+        for (int r = 0; r < 2; ++r) row_max[r] = -INFINITY, row_sum[r] = 0.f;
+        attend(w, ring);
+        store(w);
+        ring += w.n_tiles;
     }
-    fence_proxy_async_shared();  // the stores above, before TMA reads them
-    named_barrier_sync(1 + consumer, 128);
-    if (threadIdx.x % 128 == 0) {
-        for (int box = 0; box < Tile::kBoxes; ++box)
-            tma_store_4d(&o_map, q_smem + box * kBlockM * kSwizzleRow + wg_row0 * kSwizzleRow, box * Tile::kBoxCols,
-                         m0 + wg_row0, head, batch);
-        bulk_commit();
-        bulk_wait_read();  // the shared memory stays until TMA has read it
-    }
+    if (kOverlap && consumer == 0) wait_turn();
 #else
     __trap();  // compiled for a GPU without sm_90a's instructions: the launcher never picks it there
 #endif
@@ -429,12 +476,18 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
                                                  p.k_head_stride, p.k_row_stride, Tile::kBlockN);
     const CUtensorMap v_map = make_tensor_map<T>(p.v, p.batch, p.heads_kv, p.seqlen_k, kHeadDim, p.v_batch_stride,
                                                  p.v_head_stride, p.v_row_stride, Tile::kBlockN);
-    const CUtensorMap o_map = make_tensor_map<T>(p.o, p.batch, p.heads_q, p.seqlen_q, kHeadDim, p.o_batch_stride,
-                                                 p.o_head_stride, p.o_row_stride, Tile::kWarpgroupRows);
     auto kernel = sm90_overlap ? fwd_kernel_sm90<T, Tile, kCausal, true> : fwd_kernel_sm90<T, Tile, kCausal, false>;
     set_smem(kernel, Tile::kSmemBytes, "Hopper forward, head dim " + std::to_string(kHeadDim));
-    const dim3 grid(ceil_div(p.seqlen_q, Tile::kBlockM), p.heads_q, p.batch);
-    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, q_map, k_map, v_map, o_map);
+    // Persistent: one block per SM (or per query block, if fewer) takes query blocks in
+    // the sm_80 launch order (fwd_block) from p.block_counter.
+    const int m_blocks = ceil_div(p.seqlen_q, Tile::kBlockM);
+    FwdParams params = p;
+    params.causal_head_group = kCausal ? causal_head_group(p, m_blocks) : 0;
+    int device = 0, sms = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    const int grid = std::min(sms, m_blocks * p.heads_q * p.batch);
+    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params, q_map, k_map, v_map);
     check_cuda(cudaGetLastError(), "flash_ext Hopper forward launch");
 }
 

@@ -44,6 +44,10 @@ struct FwdParams {
     // of G (batch, head) pairs (a 1-D grid).
     int causal_head_group;
 
+    // The Hopper forward's block scheduler: a zeroed counter of the query blocks
+    // taken so far (the binding allocates it per call); unused by the sm_80 kernel.
+    int* block_counter;
+
     // Band kernels (sliding window, also with causal): query i sees keys
     // i + diag - window_left .. i + diag + window_right, diag = seqlen_k - seqlen_q;
     // kUnboundedWindow where a side has no bound.

@@ -82,27 +82,16 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
         : "memory");
 }
 
-// Copy a box from shared memory to the tensor in global memory (the reverse of
-// tma_load_4d); parts of the box past the tensor's end are not written. The copy
-// joins this thread's bulk group: commit it, then wait before the shared memory is
-// reused or the block exits.
-__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2, int c3) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
-            reinterpret_cast<uint64_t>(map)),
-        "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-        : "memory");
-}
-
-// Close this thread's group of bulk copies (cp.async.bulk.commit_group).
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-
-// Wait until every committed bulk copy of this thread has finished reading its source.
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-
-// ---- A 32-bit store to shared memory at a shared-memory address (st.shared, 9.7.9.9).
+// ---- 32-bit stores to and loads from shared memory at a shared-memory address
+// (st.shared 9.7.9.9, ld.shared 9.7.9.8).
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t value) {
     asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t addr) {
+    uint32_t value;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(value) : "r"(addr) : "memory");
+    return value;
 }
 
 // ---- Named barriers (9.7.13.1): bar.sync on barrier `id` (1-15; 0 is __syncthreads)

@@ -165,6 +165,45 @@ __device__ __forceinline__ KeyTiles key_tiles(int m0, int diag, int seqlen_k) {
     return {count, masked_from};
 }
 
+// The order of the forward's query blocks (FwdParams::causal_head_group).
+// Causal blocks differ in work (block m sees about (m + 1)·kBlockM keys): with
+// many row blocks per head they go longest first, within groups of at least
+// kLongestFirstMinHeads (batch, head) pairs, more while their K and V fit in
+// kLongestFirstGroupBytes of L2 (see the sm_80 launcher).
+constexpr int kLongestFirstMinBlocks = 16;
+constexpr int kLongestFirstMinHeads = 32;
+constexpr double kLongestFirstGroupBytes = 32.0 * 1024 * 1024;
+
+// The causal launch's group of (batch, head) pairs; 0: head by head.
+inline int causal_head_group(const FwdParams& p, int m_blocks) {
+    const int pairs = p.batch * p.heads_q;
+    const double kv_bytes_per_head = 4.0 * p.seqlen_k * p.head_dim / (p.heads_q / p.heads_kv);
+    const int fitting = kv_bytes_per_head * pairs <= kLongestFirstGroupBytes
+                            ? pairs
+                            : static_cast<int>(kLongestFirstGroupBytes / kv_bytes_per_head);
+    return m_blocks >= kLongestFirstMinBlocks ? std::min(pairs, std::max(kLongestFirstMinHeads, fitting)) : 0;
+}
+
+struct FwdBlock {
+    int m_block, head, batch;
+};
+
+// Query block number `index` of m_blocks per head in launch order: head by head
+// (the last row block first when causal), or longest first within groups of
+// p.causal_head_group heads.
+template <bool kCausal>
+__device__ __forceinline__ FwdBlock fwd_block(const FwdParams& p, int m_blocks, int index) {
+    if (kCausal && p.causal_head_group > 0) {
+        const int first = index / (p.causal_head_group * m_blocks) * p.causal_head_group;
+        const int group = min(p.causal_head_group, p.batch * p.heads_q - first);  // the last may be smaller
+        const int i = index - first * m_blocks;                                   // position in the group
+        const int pair = first + i % group;
+        return {m_blocks - 1 - i / group, pair % p.heads_q, pair / p.heads_q};
+    }
+    const int i = index % m_blocks, pair = index / m_blocks;
+    return {kCausal ? m_blocks - 1 - i : i, pair % p.heads_q, pair / p.heads_q};
+}
+
 // The key tiles of kBlockN keys that query rows [m0, m0 + kBlockM) visit under a
 // band (query i sees keys i + diag - left .. i + diag + right, and none past
 // seqlen_k): tiles [end - count, end), visited from the last. The first

@@ -114,6 +114,22 @@ def test_forward_grid_other_kernels_on_hopper(forward_kernel, dtype, d, causal, 
     check_forward(*make_qkv(b, h, h, nq, nk, d, dtype, seed), causal)
 
 
+@on_hopper_with_sm90
+@pytest.mark.parametrize("forward_kernel", [(False, True), (False, False)], ids=["sm90", "sm90_no_overlap"],
+                         indirect=True)
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,causal", [
+    (4, 16, 4, 1000, 1100, False),  # 512 query blocks: several per SM
+    (4, 16, 4, 1000, 1100, True),
+    (2, 8, 8, 2100, 2100, True),    # 17 row blocks a head: longest first within a group of heads
+    (3, 6, 2, 4097, 3000, True),    # Nq > Nk: the first rows see no key
+])
+@pytest.mark.parametrize("d", SM90_HEAD_DIMS)
+def test_sm90_forward_takes_many_blocks_per_sm(forward_kernel, d, b, hq, hkv, nq, nk, causal):
+    """The persistent kernel's thread blocks take query blocks until none are left."""
+    seed = zlib.crc32(repr((d, b, hq, hkv, nq, nk, causal, "persistent")).encode())
+    check_forward(*make_qkv(b, hq, hkv, nq, nk, d, torch.bfloat16, seed), causal)
+
+
 def forward_kernel_names(q, k, v, **kwargs):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         flash_ext.attention(q, k, v, **kwargs)
