@@ -57,6 +57,8 @@ struct FwdTileSm90 {
     // barriers, then the scheduler's answer (an int).
     static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 8;
     // Register budgets per thread after setmaxnreg (multiples of 8, at most 240), within 64K.
+    // The producer's scheduler loop spills below 40 (24: 36-72 B, 32: 4-36 B); with 56 the
+    // consumers get 224 and only d=256 causal with overlap spills (8 B; bench/PERFORMANCE.md).
     static constexpr int kProducerRegs = 56;
     static constexpr int kConsumerRegs = std::min(240, (64 * 1024 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8);
 
@@ -119,7 +121,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     const int warpgroup = threadIdx.x / 128;
     if (threadIdx.x == 0) {
         mbarrier_init(q_full, 1);
-        mbarrier_init(q_empty, Tile::kConsumerWarps);
+        mbarrier_init(q_empty, kConsumers * 128);  // every consumer thread: each has read `taken`
         for (int stage = 0; stage < kStages; ++stage) {
             mbarrier_init(k_full(stage), 1);
             mbarrier_init(v_full(stage), 1);
@@ -297,12 +299,9 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
         // S = Q Kᵀ of tile it is done: its K stage is free, and after the last tile Q's buffer.
         auto release_k = [&](int it) {
             release(k_empty(stage_of(it)));
-            if (it == w.n_tiles - 1) release(q_empty);
+            if (it == w.n_tiles - 1) mbarrier_arrive(q_empty);
         };
-        if (w.n_tiles == 0) {  // no S = Q Kᵀ: Q's buffer is free once every lane has read `taken`
-            __syncwarp();
-            release(q_empty);
-        }
+        if (w.n_tiles == 0) mbarrier_arrive(q_empty);  // no S = Q Kᵀ: Q's buffer is free now
         if constexpr (!kOverlap) {
             // One tile: S = Q Kᵀ; softmax; O = α·O; O += P V.
             auto step = [&](int it, auto masked) {

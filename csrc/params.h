@@ -41,7 +41,8 @@ struct FwdParams {
 
     // Set by the launcher: 0 launches causal blocks head by head (grid = (row
     // blocks, heads, batch)); G > 0 launches them longest first within groups
-    // of G (batch, head) pairs (a 1-D grid).
+    // of G (batch, head) pairs (a 1-D grid). The Hopper forward's scheduler hands
+    // out the blocks in the same order (fwd_block).
     int causal_head_group;
 
     // The Hopper forward's block scheduler: a zeroed counter of the query blocks
