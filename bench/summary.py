@@ -1,7 +1,7 @@
 """Condense a bench.py results JSON into the README's table: flash_ext TFLOP/s per
 (head dim, causal, seqlen), with the ratios to SDPA's flash and cuDNN backends.
 
-    python3 bench/summary.py bench/results/bench_fwd_nvidia-h100-80gb-hbm3.json [--dtype bf16] [--mode fwd]
+    python3 bench/summary.py bench/results/bench_h100_fwd_bf16_nvidia-h100-80gb-hbm3.json [--dtype bf16] [--mode fwd]
 """
 
 import argparse
@@ -40,11 +40,14 @@ def table(results, dtype, mode):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json")
-    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--dtype", help="default: bf16 if the run has it, else its first dtype")
     parser.add_argument("--mode", default="fwd")
     args = parser.parse_args()
     with open(args.json) as f:
         results = json.load(f)["results"]
+    if args.dtype is None:
+        dtypes = [r["config"]["dtype"] for r in results]
+        args.dtype = "bf16" if "bf16" in dtypes or not dtypes else dtypes[0]
     print(f"flash_ext {args.mode} TFLOP/s ({args.dtype}), and in brackets time(SDPA flash) / time(flash_ext) "
           f"and time(SDPA cuDNN) / time(flash_ext):\n")
     print(table(results, args.dtype, args.mode))

@@ -58,7 +58,7 @@ struct FwdTileSm90 {
     static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 8;
     // Register budgets per thread after setmaxnreg (multiples of 8, at most 240), within 64K.
     // The producer's scheduler loop spills below 40 (24: 36-72 B, 32: 4-36 B); with 56 the
-    // consumers get 224 and only d=256 causal with overlap spills (8 B; bench/PERFORMANCE.md).
+    // consumers get 224 and only d=256 causal with overlap spills (16 B; bench/PERFORMANCE.md).
     static constexpr int kProducerRegs = 56;
     static constexpr int kConsumerRegs = std::min(240, (64 * 1024 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8);
 
