@@ -38,7 +38,7 @@
 namespace flash {
 
 // One tile configuration of the Hopper forward.
-template <int kHeadDim_, int kBlockN_, int kStages_, int kConsumers_>
+template <int kHeadDim_, int kBlockN_, int kStages_, int kConsumers_, int kProducerRegs_>
 struct FwdTileSm90 {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kConsumers = kConsumers_;            // consumer warpgroups
@@ -56,24 +56,33 @@ struct FwdTileSm90 {
     // 1024 bytes of slack to align the tiles to the swizzle's 1024-byte period; the
     // barriers, then the scheduler's answer (an int).
     static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 8;
-    // Register budgets per thread after setmaxnreg (multiples of 8, at most 240), within 64K.
-    // The producer's scheduler loop spills below 40 (24: 36-72 B, 32: 4-36 B); with 56 the
-    // consumers get 224 and only d=256 causal with overlap spills (16 B; bench/PERFORMANCE.md).
-    static constexpr int kProducerRegs = 56;
-    static constexpr int kConsumerRegs = std::min(240, (64 * 1024 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8);
+    // Register budgets per thread after setmaxnreg (multiples of 8, at most 240). The block
+    // owns what it was launched with, kThreads x the launch-bound count (168 for 384 threads):
+    // setmaxnreg.inc takes only registers the producer's .dec gave back, and waits forever
+    // for more. The consumers get what the producer leaves.
+    static constexpr int kLaunchRegs = 64 * 1024 / kThreads / 8 * 8;
+    static constexpr int kProducerRegs = kProducerRegs_;
+    static constexpr int kConsumerRegs =
+        std::min(240, (kLaunchRegs * kThreads - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8);
 
     static_assert(kHeadDim % kBoxCols == 0 && kHeadDim <= 256, "head dim: 64, 128, 192 or 256");
     static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N");
     static_assert(kBlockM <= 256, "TMA box rows");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+    static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= kLaunchRegs * kThreads, "registers");
 };
 
 // The tile sizes of the Hopper forward per head dim: the one place they are chosen.
 // S (kBlockN / 2 floats per thread) and O (kHeadDim / 2) live in registers, so the
 // key tile shrinks as the head dim grows; two stages fill the shared memory at 256.
+// At 256, kBlockN = 80 rather than 64: S = Q Kᵀ at N = 64 reads as many shared-memory
+// bytes per cycle as the tensor cores take (bench/PERFORMANCE.md, H5); its registers
+// need the consumers at 240, the producer at 24, where its one thread keeps a few values
+// on the stack. Below 256 the producer keeps 56 (no spills; 24 measured slower there).
 template <int kHeadDim>
 struct FwdConfigSm90 {
-    using Tile = FwdTileSm90<kHeadDim, (kHeadDim <= 128 ? 128 : 64), 2, 2>;
+    using Tile = std::conditional_t<(kHeadDim <= 128), FwdTileSm90<kHeadDim, 128, 2, 2, 56>,
+                                    FwdTileSm90<kHeadDim, 80, 2, 2, 24>>;
 };
 
 // kOverlap: the softmax of tile j runs while O += P V of tile j - 1 is in flight.

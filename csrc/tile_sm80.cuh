@@ -63,19 +63,23 @@ struct SumOp {
     __device__ float operator()(float x, float y) const { return x + y; }
 };
 
-// Reduce x[0..N) (N a power of two) pairwise, log2(N) deep; x is overwritten.
-// The levels recurse at compile time (x[i] = op(x[i], x[i + W]) for W = N/2, ..., 1),
-// so x stays in registers wherever it is inlined.
-template <int W = 0, int N, typename Op>
+// Reduce x[0..N) pairwise, ceil(log2(N)) deep; x is overwritten. Each level folds the
+// live elements above the largest power of two below their count onto those under it
+// (x[i] = op(x[i], x[i + W])), recursing at compile time, so x stays in registers
+// wherever it is inlined.
+constexpr int power_of_two_below(int n) { return n <= 2 ? 1 : 2 * power_of_two_below((n + 1) / 2); }
+
+template <int kLive = 0, int N, typename Op>
 __device__ __forceinline__ float tree_reduce(float (&x)[N], Op op) {
-    static_assert((N & (N - 1)) == 0, "power of two");
-    constexpr int kWidth = W == 0 ? N / 2 : W;
-    if constexpr (kWidth >= 1) {
+    constexpr int kCount = kLive == 0 ? N : kLive;  // x[0..kCount) still to reduce
+    if constexpr (kCount == 1) {
+        return x[0];
+    } else {
+        constexpr int kWidth = power_of_two_below(kCount);
 #pragma unroll
-        for (int i = 0; i < kWidth; ++i) x[i] = op(x[i], x[i + kWidth]);
-        if constexpr (kWidth > 1) return tree_reduce<kWidth / 2>(x, op);
+        for (int i = 0; i < kCount - kWidth; ++i) x[i] = op(x[i], x[i + kWidth]);
+        return tree_reduce<kWidth>(x, op);
     }
-    return x[0];
 }
 
 // Copy a (kRows x kHeadDim) tile, rows [0, rows_valid) and columns

@@ -4,8 +4,10 @@ atomic and deterministic dQ, with its fast tiles and with the small ones (the
 shared memory capped at 99 KB); the band kernels (windows, soft-capping). On a
 Hopper GPU the forward also runs as each of its kernels: the sm_90a one with and
 without its softmax overlap, and the sm_80 one. `--forward`: the forward calls only
-(quicker under racecheck). Exits non-zero on a bad result."""
+(quicker under racecheck); `--head-dim D`: only the cases of head dim D. Exits non-zero
+on a bad result."""
 
+import argparse
 import sys
 
 import torch
@@ -24,15 +26,17 @@ CASES = [  # (b, hq, hkv, nq, nk, d, causal, dtype, window, softcap)
     (1, 1, 1, 200, 130, 256, False, torch.bfloat16, None, 20.0),
     (1, 2, 2, 300, 700, 64, False, torch.float16, None, None),  # more key tiles than stages
     (1, 2, 1, 257, 600, 256, True, torch.bfloat16, None, None),
+    (1, 2, 2, 300, 700, 256, False, torch.float16, None, None),  # ragged last key tile of 80
     (2, 9, 3, 1000, 1100, 128, False, torch.bfloat16, None, None),  # more query blocks than SMs
 ]
 # Forward kernel choices on Hopper: (force the sm_80 kernel, the sm_90a kernel's overlap).
 FORWARD_KERNELS = [(False, True), (False, False), (True, True)]
 
 
-def main(forward_only):
+def main(forward_only, head_dim):
     worst = 0.0
-    for b, hq, hkv, nq, nk, d, causal, dtype, window, softcap in CASES:
+    cases = [case for case in CASES if head_dim is None or case[5] == head_dim]
+    for b, hq, hkv, nq, nk, d, causal, dtype, window, softcap in cases:
         band = dict(causal=causal, window=window, softcap=softcap)
         q = torch.randn(b, hq, nq, d, device="cuda").to(dtype)
         k = torch.randn(b, hkv, nk, d, device="cuda").to(dtype)
@@ -58,10 +62,14 @@ def main(forward_only):
                     worst = max(worst, (g.float() - w).abs().max().item() / max(1.0, w.abs().max().item()))
         flash_ext.interface._C.set_smem_cap(0)
     torch.cuda.synchronize()
-    print(f"sanitize cases: {len(CASES)} run {'forward' if forward_only else 'forward and backward'}, "
+    print(f"sanitize cases: {len(cases)} run {'forward' if forward_only else 'forward and backward'}, "
           f"worst max error {worst:.2e}")
     return 0 if worst < 5e-2 else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(forward_only="--forward" in sys.argv[1:]))
+    parser = argparse.ArgumentParser(description="Small flash_ext calls for compute-sanitizer.")
+    parser.add_argument("--forward", action="store_true", help="the forward calls only")
+    parser.add_argument("--head-dim", type=int, help="only the cases of this head dim")
+    args = parser.parse_args()
+    sys.exit(main(args.forward, args.head_dim))
