@@ -69,7 +69,6 @@ struct FwdTileSm90 {
     static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N");
     static_assert(kBlockM <= 256, "TMA box rows");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
-    static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= kLaunchRegs * kThreads, "registers");
 };
 
 // The tile sizes of the Hopper forward per head dim: the one place they are chosen.
