@@ -139,11 +139,11 @@ bool is_hopper(const at::Device& device) {
 }
 
 // The Hopper forward runs where it was built, on a Hopper GPU, at a head dim it was written
-// for exactly (no zero-padded columns), without a window or a cap, and with keys to load;
-// not while tests cap the shared memory (that stands for a smaller GPU, without sm_90a).
-bool use_sm90(const at::Tensor& q, const at::Tensor& k, int kernel_head_dim, Variant variant) {
+// for exactly (no zero-padded columns), and with keys to load; not while tests cap the
+// shared memory (that stands for a smaller GPU, without sm_90a).
+bool use_sm90(const at::Tensor& q, const at::Tensor& k, int kernel_head_dim) {
     return kBuiltSm90 && !g_force_sm80 && flash::smem_cap_for_testing == 0 && flash::is_sm90_head_dim(kernel_head_dim)
-           && q.size(3) == kernel_head_dim && !variant.band && k.size(2) > 0 && is_hopper(q.device());
+           && q.size(3) == kernel_head_dim && k.size(2) > 0 && is_hopper(q.device());
 }
 
 struct FwdLaunch {
@@ -153,12 +153,12 @@ struct FwdLaunch {
     cudaStream_t stream;
     template <typename Tag, int kHeadDim, bool kCausal>
     void run() const {
-        if constexpr (kBuiltSm90 && flash::is_sm90_head_dim(kHeadDim)) {
-            if (sm90) return flash::run_fwd_sm90<Tag, kHeadDim, kCausal>(p, stream);
-        }
         with_variant_flags<kCausal>(variant, [&](auto causal, auto band, auto softcap) {
-            flash::run_fwd_sm80<Tag, kHeadDim, decltype(causal)::value, decltype(band)::value,
-                                     decltype(softcap)::value>(p, stream);
+            constexpr bool kC = decltype(causal)::value, kB = decltype(band)::value, kS = decltype(softcap)::value;
+            if constexpr (kBuiltSm90 && flash::is_sm90_head_dim(kHeadDim)) {
+                if (sm90) return flash::run_fwd_sm90<Tag, kHeadDim, kC, kB, kS>(p, stream);
+            }
+            flash::run_fwd_sm80<Tag, kHeadDim, kC, kB, kS>(p, stream);
         });
     }
 };
@@ -294,7 +294,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     set_strides(p.o_batch_stride, p.o_head_stride, p.o_row_stride, o);
     const Variant variant = set_band(p, causal, window_left, window_right, softcap);
 
-    const bool sm90 = use_sm90(q, k, kernel_head_dim, variant);
+    const bool sm90 = use_sm90(q, k, kernel_head_dim);
     at::Tensor block_counter;  // the Hopper forward's scheduler
     if (sm90) {
         block_counter = at::zeros({1}, q.options().dtype(at::kInt));

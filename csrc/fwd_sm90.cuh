@@ -28,6 +28,7 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <climits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -45,7 +46,7 @@ struct FwdTileSm90 {
     static constexpr int kWarpgroupRows = 64;                 // the M of one wgmma
     static constexpr int kBlockM = kConsumers * kWarpgroupRows;
     static constexpr int kBlockN = kBlockN_;
-    static constexpr int kStages = kStages_;
+    static constexpr int kStages = kStages_;                  // K and V tiles in flight
     static constexpr int kThreads = (1 + kConsumers) * 128;   // producer + consumers
     static constexpr int kConsumerWarps = kConsumers * 4;
     static constexpr int kBoxCols = 64;                       // elements in one 128-byte swizzled row
@@ -84,11 +85,16 @@ struct FwdConfigSm90 {
                                     FwdTileSm90<kHeadDim, 80, 2, 2, 24>>;
 };
 
-// kOverlap: the softmax of tile j runs while O += P V of tile j - 1 is in flight.
-template <typename T, typename Tile, bool kCausal, bool kOverlap>
+// kBand: a sliding window (p.window_left, p.window_right; causal is a band kernel with
+// kCausal false then), as in the sm_80 kernel. kSoftcap (band kernels only): the
+// scores are soft-capped before the softmax. kOverlap: the softmax of tile j runs
+// while O += P V of tile j - 1 is in flight.
+template <typename T, typename Tile, bool kCausal, bool kBand, bool kSoftcap, bool kOverlap>
 __global__ void __launch_bounds__(Tile::kThreads, 1)
 fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap q_map,
                 const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
+    static_assert(!(kCausal && kBand), "a band kernel covers causal");
+    static_assert(!kSoftcap || kBand, "soft-capping comes with the band kernel");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace sm90;
     constexpr int kHeadDim = Tile::kHeadDim;
@@ -112,18 +118,26 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     auto v_empty = [&](int stage) { return barriers + 8 * (2 + 3 * kStages + stage); };
     const uint32_t taken = barriers + 8 * Tile::kBarriers;  // the block the producer took last
 
-    // Query block `index` (launch order) and the key tiles it visits.
+    // Query block `index` (launch order) and the key tiles it visits: [end - n_tiles, end),
+    // from the last; the first masked_hi of them masked (causal diagonal or the band's upper
+    // edge, ragged tail), the next `unmasked` not, the rest masked (the band's lower edge).
     const int m_blocks = ceil_div(p.seqlen_q, kBlockM);
     const int n_blocks = m_blocks * p.heads_q * p.batch;
     const int diag = p.seqlen_k - p.seqlen_q;  // query i sees keys j <= i + diag (causal, bottom-right aligned)
     struct Work {
-        int m0, head, batch, n_tiles, n_masked;
+        int m0, head, batch, end, n_tiles, masked_hi, unmasked;
     };
     auto work_of = [&](int index) {
         const FwdBlock block = fwd_block<kCausal>(p, m_blocks, index);
         const int m0 = block.m_block * kBlockM;
-        const KeyTiles keys = key_tiles<kBlockM, kBlockN, kCausal>(m0, diag, p.seqlen_k);
-        return Work{m0, block.head, block.batch, keys.count, keys.count - keys.masked_from};
+        if constexpr (kBand) {
+            const BandTiles band = band_tiles<kBlockM, kBlockN>(m0, diag, p.seqlen_k, p.window_left, p.window_right);
+            return Work{m0, block.head, block.batch, band.end, band.count, band.masked_hi, band.unmasked};
+        } else {
+            const KeyTiles keys = key_tiles<kBlockM, kBlockN, kCausal>(m0, diag, p.seqlen_k);
+            return Work{m0, block.head, block.batch, keys.count, keys.count, keys.count - keys.masked_from,
+                        keys.masked_from};
+        }
     };
 
     const int warpgroup = threadIdx.x / 128;
@@ -156,6 +170,15 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                                 w.head, w.batch);
             };
             int stage = 0, released = 1;  // the ring's next stage; the parity of its last release
+            // Key tile `tile` of K or V into the ring's stage, once its last round is released.
+            auto load_kv = [&](const CUtensorMap* map, uint32_t full, uint32_t empty, uint32_t dst, int tile,
+                               int head_kv, int batch) {
+                mbarrier_wait(empty, released);
+                mbarrier_arrive_expect_tx(full, Tile::kKVBytes);
+                for (int box = 0; box < Tile::kBoxes; ++box)
+                    tma_load_4d(dst + box * kBlockN * kSwizzleRow, map, full, box * Tile::kBoxCols, tile * kBlockN,
+                                head_kv, batch);
+            };
             for (int round = 0;; ++round) {
                 const int index = atomicAdd(p.block_counter, 1);
                 const bool done = index >= n_blocks;
@@ -164,19 +187,11 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 const int n_tiles = done ? 0 : w.n_tiles;
                 // The block's first K tile loads while the consumers finish the last block.
                 for (int it = 0; it < n_tiles; ++it) {
-                    const int tile = n_tiles - 1 - it;
-                    const uint32_t k_stage = k_smem + stage * Tile::kKVBytes, v_stage = v_smem + stage * Tile::kKVBytes;
-                    mbarrier_wait(k_empty(stage), released);
-                    mbarrier_arrive_expect_tx(k_full(stage), Tile::kKVBytes);
-                    for (int box = 0; box < Tile::kBoxes; ++box)
-                        tma_load_4d(k_stage + box * kBlockN * kSwizzleRow, &k_map, k_full(stage),
-                                    box * Tile::kBoxCols, tile * kBlockN, head_kv, w.batch);
+                    const int tile = w.end - 1 - it;
+                    const uint32_t offset = stage * Tile::kKVBytes;
+                    load_kv(&k_map, k_full(stage), k_empty(stage), k_smem + offset, tile, head_kv, w.batch);
                     if (it == 0) start_block(round, index, w);
-                    mbarrier_wait(v_empty(stage), released);
-                    mbarrier_arrive_expect_tx(v_full(stage), Tile::kKVBytes);
-                    for (int box = 0; box < Tile::kBoxes; ++box)
-                        tma_load_4d(v_stage + box * kBlockN * kSwizzleRow, &v_map, v_full(stage),
-                                    box * Tile::kBoxCols, tile * kBlockN, head_kv, w.batch);
+                    load_kv(&v_map, v_full(stage), v_empty(stage), v_smem + offset, tile, head_kv, w.batch);
                     // Round r of a stage waits for the consumers' release of round r - 1 (none before round 0).
                     if (++stage == kStages) stage = 0, released ^= 1;
                 }
@@ -244,21 +259,30 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     auto wait_turn = [&] { named_barrier_sync(kTurn + consumer, 256); };
     auto pass_turn = [&] { named_barrier_arrive(kTurn + next, 256); };
 
+    // Soft-capped, a raw score x becomes softcap_out · tanh(softcap_in · x) (FwdParams).
     // Masked scores become -inf; then the online softmax turns S into P in place:
     // m_new = max(m, rowmax S);  with c = scale·log2e:  α = exp2(c·(m - m_new)),
     // P = exp2(c·S - c·m_new),  l = α·l + rowsum P.
     auto softmax = [&](Scores& s, int tile, auto masked, float (&alpha)[2]) {
+        if constexpr (kSoftcap) {
+#pragma unroll
+            for (int i = 0; i < kBlockN / 2; ++i) s[i] = p.softcap_out * tanh_approx(s[i] * p.softcap_in);
+        }
         if constexpr (decltype(masked)::value) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                // Row i sees the columns of this tile below min(Nk, i + diag + 1) - n0.
+                // Row i sees the columns of this tile below min(Nk, i + diag + 1) - n0; in a
+                // band, those of [i + diag - left, i + diag + right] - n0.
+                const int row_key0 = row0 + 8 * r + diag - tile * kBlockN - col0;
                 int col_end = p.seqlen_k - tile * kBlockN - col0;
-                if constexpr (kCausal) col_end = min(col_end, row0 + 8 * r + diag + 1 - tile * kBlockN - col0);
+                if constexpr (kCausal) col_end = min(col_end, row_key0 + 1);
+                if constexpr (kBand) col_end = min(col_end, row_key0 + p.window_right + 1);
+                const int col_begin = kBand ? row_key0 - p.window_left : INT_MIN;
 #pragma unroll
                 for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
                     for (int c = 0; c < 2; ++c)
-                        if (8 * j + c >= col_end) s[4 * j + 2 * r + c] = -INFINITY;
+                        if (8 * j + c >= col_end || (kBand && 8 * j + c < col_begin)) s[4 * j + 2 * r + c] = -INFINITY;
             }
         }
 #pragma unroll
@@ -303,7 +327,16 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     auto attend = [&](const Work& w, int ring) {
         auto stage_of = [&](int it) { return (ring + it) % kStages; };
         auto phase_of = [&](int it) { return ((ring + it) / kStages) & 1; };
-        auto tile_of = [&](int it) { return w.n_tiles - 1 - it; };
+        auto tile_of = [&](int it) { return w.end - 1 - it; };
+        // step(it, masked) for it = first, ..., n_tiles - 1, masked a compile-time bool.
+        auto visit = [&](int first, auto step) {
+            int it = first;
+            for (; it < w.masked_hi; ++it) step(it, std::true_type{});
+            for (; it < w.masked_hi + w.unmasked; ++it) step(it, std::false_type{});
+            if constexpr (kBand) {
+                for (; it < w.n_tiles; ++it) step(it, std::true_type{});
+            }
+        };
         // S = Q Kᵀ of tile it is done: its K stage is free, and after the last tile Q's buffer.
         auto release_k = [&](int it) {
             release(k_empty(stage_of(it)));
@@ -331,9 +364,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 fence_operands(o_acc);
                 release(v_empty(stage));
             };
-            int it = 0;
-            for (; it < w.n_masked; ++it) step(it, std::true_type{});
-            for (; it < w.n_tiles; ++it) step(it, std::false_type{});
+            visit(0, step);
         } else if (w.n_tiles > 0) {
             // Tile 0's S and P first; then each step issues S of tile it and O += P V of tile
             // it - 1, and runs tile it's softmax while the latter is in flight.
@@ -348,7 +379,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 wgmma_wait<0>();
                 fence_operands(s);
                 release_k(0);
-                if (w.n_masked > 0) softmax(s, tile_of(0), std::true_type{}, alpha);
+                if (w.masked_hi > 0 || w.unmasked == 0) softmax(s, tile_of(0), std::true_type{}, alpha);
                 else softmax(s, tile_of(0), std::false_type{}, alpha);
                 to_fragments(s, pf);  // O is still 0: α has nothing to scale
             }
@@ -372,9 +403,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 rescale_o(alpha);
                 to_fragments(s, pf);
             };
-            int it = 1;
-            for (; it < w.n_masked; ++it) step(it, std::true_type{});
-            for (; it < w.n_tiles; ++it) step(it, std::false_type{});
+            visit(1, step);
             const int last = stage_of(w.n_tiles - 1);
             mbarrier_wait(v_full(last), phase_of(w.n_tiles - 1));
             wait_turn();
@@ -473,7 +502,7 @@ CUtensorMap make_tensor_map(const void* data, int batch, int heads, int seqlen, 
     return map;
 }
 
-template <typename Tag, int kHeadDim, bool kCausal>
+template <typename Tag, int kHeadDim, bool kCausal, bool kBand, bool kSoftcap>
 void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
     using T = typename DeviceType<Tag>::type;
     using Tile = typename FwdConfigSm90<kHeadDim>::Tile;
@@ -483,7 +512,8 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
                                                  p.k_head_stride, p.k_row_stride, Tile::kBlockN);
     const CUtensorMap v_map = make_tensor_map<T>(p.v, p.batch, p.heads_kv, p.seqlen_k, kHeadDim, p.v_batch_stride,
                                                  p.v_head_stride, p.v_row_stride, Tile::kBlockN);
-    auto kernel = sm90_overlap ? fwd_kernel_sm90<T, Tile, kCausal, true> : fwd_kernel_sm90<T, Tile, kCausal, false>;
+    auto kernel = sm90_overlap ? fwd_kernel_sm90<T, Tile, kCausal, kBand, kSoftcap, true>
+                               : fwd_kernel_sm90<T, Tile, kCausal, kBand, kSoftcap, false>;
     set_smem(kernel, Tile::kSmemBytes, "Hopper forward, head dim " + std::to_string(kHeadDim));
     // Persistent: one block per SM (or per query block, if fewer) takes query blocks in
     // the sm_80 launch order (fwd_block) from p.block_counter.

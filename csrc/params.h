@@ -126,7 +126,7 @@ template <typename T, int kHeadDim, bool kCausal, bool kBand, bool kSoftcap>
 void run_bwd_sm80(const BwdParams& params, bool deterministic, cudaStream_t stream);
 
 // Head dims with a Hopper (sm_90a) forward; it runs where the tensors' head dim is
-// exactly one of them, without a window or soft-capping (flash_api.cpp decides).
+// exactly one of them (flash_api.cpp decides).
 inline constexpr int kSm90HeadDims[] = {64, 128, 256};
 
 constexpr bool is_sm90_head_dim(int head_dim) {
@@ -136,8 +136,9 @@ constexpr bool is_sm90_head_dim(int head_dim) {
     return false;
 }
 
-// Defined once per (type, head dim, causal) in a generated .cu file when the build targets sm_90a.
-template <typename T, int kHeadDim, bool kCausal>
+// Defined once per (type, head dim, variant, as run_fwd_sm80) in a generated .cu file when the
+// build targets sm_90a.
+template <typename T, int kHeadDim, bool kCausal, bool kBand, bool kSoftcap>
 void run_fwd_sm90(const FwdParams& params, cudaStream_t stream);
 
 }  // namespace flash

@@ -1,5 +1,6 @@
 """What the CUDA kernel tests share: the grid of dtypes, head dims and lengths,
-the error slack, random inputs, and the NaN poisoning of every kernel output."""
+the error slack, random inputs, the NaN poisoning of every kernel output, and the
+choice of forward kernel on a Hopper GPU."""
 
 import pytest
 import torch
@@ -36,6 +37,28 @@ def poison_outputs():
     yield
     if flash_ext.interface._C is not None:
         flash_ext.interface._C.set_poison_outputs(False)
+
+
+# On a Hopper GPU the forward runs the sm_90a kernel at these head dims (with its softmax
+# overlap); tests also run it without the overlap and run the sm_80 kernel there, so that
+# neither goes untested.
+_C = flash_ext.interface._C
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+SM90_HEAD_DIMS = [64, 128, 256]
+on_hopper_with_sm90 = pytest.mark.skipif(not (HOPPER and _C is not None and _C.built_sm90()),
+                                         reason="needs a Hopper GPU and the sm_90a forward built")
+
+
+@pytest.fixture
+def forward_kernel(request):
+    """Sets (force_sm80, sm90_overlap) for one test, and restores the defaults after it.
+    Request it indirectly, with the pair as its parameter."""
+    force_sm80, overlap = request.param
+    _C.set_force_sm80(force_sm80)
+    _C.set_sm90_overlap(overlap)
+    yield
+    _C.set_force_sm80(False)
+    _C.set_sm90_overlap(True)
 
 
 def rand(*shape, dtype, gen):

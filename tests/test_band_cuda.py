@@ -12,7 +12,8 @@ import torch
 import flash_ext
 from flash_ext import reference
 
-from cuda_grid import ABS_SLACK, DTYPES, HEAD_DIMS, poison_outputs, rand  # noqa: F401 (autouse fixture)
+from cuda_grid import (ABS_SLACK, DTYPES, HEAD_DIMS, SM90_HEAD_DIMS, forward_kernel,  # noqa: F401 (fixtures)
+                       on_hopper_with_sm90, poison_outputs, rand)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -113,6 +114,36 @@ def test_softcap_grid(dtype, d, causal, window, nq, nk):
     """Soft-capping, alone and with a window, forward and backward."""
     check(*make_inputs(2, 3, 3, nq, nk, d, dtype, seed_of("softcap", dtype, d, causal, window, nq, nk)),
           causal, window, SOFTCAP)
+
+
+# On a Hopper GPU the grids above run the sm_90a forward at its head dims; these run the
+# forward's other kernels there (the sm_80 one, the sm_90a one without its overlap), and the
+# persistent sm_90a kernel over many query blocks per SM.
+@on_hopper_with_sm90
+@pytest.mark.parametrize("forward_kernel", [(True, True), (False, False)], ids=["sm80", "sm90_no_overlap"],
+                         indirect=True)
+@pytest.mark.parametrize("d", SM90_HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window,softcap", [((0, 0), None), ((3, -1), None), ((-1, 2), SOFTCAP), ((70, 5), None),
+                                            ((200, 0), SOFTCAP), ((1, 1000), None)], ids=str)
+@pytest.mark.parametrize("nq,nk", [(17, 17), (129, 129), (1000, 113), (113, 1000)])
+def test_band_forward_other_kernels_on_hopper(forward_kernel, d, causal, window, softcap, nq, nk):
+    check(*make_inputs(2, 3, 3, nq, nk, d, torch.float16, seed_of("other", d, causal, window, softcap, nq, nk)),
+          causal, window, softcap, backward=False)
+
+
+@on_hopper_with_sm90
+@pytest.mark.parametrize("forward_kernel", [(False, True), (False, False)], ids=["sm90", "sm90_no_overlap"],
+                         indirect=True)
+@pytest.mark.parametrize("d", SM90_HEAD_DIMS)
+@pytest.mark.parametrize("causal,window,softcap,nq,nk", [
+    (False, (300, 300), None, 3000, 2500),    # 24 query blocks a head, 576 in all
+    (True, (500, 0), SOFTCAP, 3000, 2500),    # Nq > Nk: the first 500 rows see no key
+    (False, (0, 2000), None, 2500, 3000),
+], ids=str)
+def test_sm90_band_forward_takes_many_blocks_per_sm(forward_kernel, d, causal, window, softcap, nq, nk):
+    check(*make_inputs(3, 8, 2, nq, nk, d, torch.bfloat16, seed_of("persistent", d, causal, window, softcap)),
+          causal, window, softcap, backward=False)
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)

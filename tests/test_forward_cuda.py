@@ -13,8 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flash_ext
 from flash_ext import reference
 
-from cuda_grid import (ABS_SLACK, DTYPES, LENGTHS, grid_batch_heads, over_grid,  # noqa: F401 (autouse fixture)
-                       poison_outputs, rand)
+from cuda_grid import (ABS_SLACK, DTYPES, LENGTHS, SM90_HEAD_DIMS, forward_kernel,  # noqa: F401 (fixtures)
+                       grid_batch_heads, on_hopper_with_sm90, over_grid, poison_outputs, rand)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -84,21 +84,6 @@ def test_forward_grid(dtype, d, causal, nq, nk):
 # softmax overlap); the two grids below run the same cases on its other variant and on the
 # sm_80 kernel, so that neither goes untested there.
 _C = flash_ext.interface._C
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-SM90_HEAD_DIMS = [64, 128, 256]
-on_hopper_with_sm90 = pytest.mark.skipif(not (HOPPER and _C is not None and _C.built_sm90()),
-                                         reason="needs a Hopper GPU and the sm_90a forward built")
-
-
-@pytest.fixture
-def forward_kernel(request):
-    """Sets (force_sm80, sm90_overlap) for one test, and restores the defaults after it."""
-    force_sm80, overlap = request.param
-    _C.set_force_sm80(force_sm80)
-    _C.set_sm90_overlap(overlap)
-    yield
-    _C.set_force_sm80(False)
-    _C.set_sm90_overlap(True)
 
 
 @on_hopper_with_sm90
@@ -139,13 +124,13 @@ def forward_kernel_names(q, k, v, **kwargs):
 
 @on_hopper_with_sm90
 def test_hopper_runs_the_sm90_forward_where_it_applies():
-    """Exact head dims 64/128/256 without a window or cap run fwd_kernel_sm90; other head
-    dims, windows, caps and the forced switch run the sm_80 kernels."""
+    """Exact head dims 64/128/256 run fwd_kernel_sm90, with windows and caps too; other head
+    dims and the forced switch run the sm_80 kernels."""
     for d in SM90_HEAD_DIMS:
         q, k, v = make_qkv(1, 2, 2, 300, 300, d, torch.bfloat16, d)
         assert "fwd_kernel_sm90" in forward_kernel_names(q, k, v, causal=True)
-        assert "fwd_kernel_sm90" not in forward_kernel_names(q, k, v, window=(32, 0))
-        assert "fwd_kernel_sm90" not in forward_kernel_names(q, k, v, softcap=10.0)
+        assert "fwd_kernel_sm90" in forward_kernel_names(q, k, v, window=(32, 0))
+        assert "fwd_kernel_sm90" in forward_kernel_names(q, k, v, softcap=10.0)
         _C.set_force_sm80(True)
         try:
             names = forward_kernel_names(q, k, v)
