@@ -329,10 +329,14 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
         auto phase_of = [&](int it) { return ((ring + it) / kStages) & 1; };
         auto tile_of = [&](int it) { return w.end - 1 - it; };
         // step(it, masked) for it = first, ..., n_tiles - 1, masked a compile-time bool.
+        // Without a band the unmasked tiles run to n_tiles, the same count: bounded by the
+        // sum, the plain kernels' steady loop came out scheduled otherwise and 2-3% slower
+        // at d=256 (bench/PERFORMANCE.md, H6).
         auto visit = [&](int first, auto step) {
+            const int unmasked_end = kBand ? w.masked_hi + w.unmasked : w.n_tiles;
             int it = first;
             for (; it < w.masked_hi; ++it) step(it, std::true_type{});
-            for (; it < w.masked_hi + w.unmasked; ++it) step(it, std::false_type{});
+            for (; it < unmasked_end; ++it) step(it, std::false_type{});
             if constexpr (kBand) {
                 for (; it < w.n_tiles; ++it) step(it, std::true_type{});
             }
@@ -379,7 +383,10 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 wgmma_wait<0>();
                 fence_operands(s);
                 release_k(0);
-                if (w.masked_hi > 0 || w.unmasked == 0) softmax(s, tile_of(0), std::true_type{}, alpha);
+                // Tile 0 is masked if it is at the top edge, or (in a band) at the lower edge with
+                // none unmasked. Written so that the plain kernels test only the first: testing
+                // both there changed the steady loop's schedule at d=64 (bench/PERFORMANCE.md, H6).
+                if (w.masked_hi > 0 || (kBand && w.unmasked == 0)) softmax(s, tile_of(0), std::true_type{}, alpha);
                 else softmax(s, tile_of(0), std::false_type{}, alpha);
                 to_fragments(s, pf);  // O is still 0: α has nothing to scale
             }
