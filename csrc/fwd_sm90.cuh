@@ -17,7 +17,8 @@
 // softmax while the second is in flight, and the consumers take turns to issue
 // (named barriers), so that one's softmax runs while the others' products keep
 // the tensor cores busy. Key tiles are visited last first, the masked ones
-// (causal diagonal, ragged tail) before the rest, as in the sm_80 kernel.
+// (causal diagonal, ragged tail) before the rest, as in the sm_80 kernel; with a
+// window, only the tiles of its band, those at its lower edge masked last.
 //
 // Shared memory holds each tile as boxes of 64 columns (128 bytes a row, the
 // 128-byte swizzle that TMA writes and wgmma's descriptors read); tensor maps
