@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flash_ext
 from flash_ext import reference
 
-from cuda_grid import (ABS_SLACK, DTYPES, LENGTHS, SM90_HEAD_DIMS, forward_kernel,  # noqa: F401 (fixtures)
+from cuda_grid import (_C, ABS_SLACK, DTYPES, LENGTHS, SM90_HEAD_DIMS, forward_kernel,  # noqa: F401 (fixtures)
                        grid_batch_heads, on_hopper_with_sm90, over_grid, poison_outputs, rand)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -81,9 +81,8 @@ def test_forward_grid(dtype, d, causal, nq, nk):
 
 
 # On a Hopper GPU the forward grid above runs the sm_90a kernel at these head dims (with its
-# softmax overlap); the two grids below run the same cases on its other variant and on the
-# sm_80 kernel, so that neither goes untested there.
-_C = flash_ext.interface._C
+# softmax overlap); the grid below runs the same cases on its other variant and on the sm_80
+# kernel, so that neither goes untested there.
 
 
 @on_hopper_with_sm90
