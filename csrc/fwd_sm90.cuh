@@ -37,6 +37,13 @@
 #include "ptx_sm90.cuh"
 #include "tile_sm80.cuh"  // element types, reductions, key_tiles, fwd_block, launch helpers
 
+// Diagnostics (bench/trace_fwd_sm90.cu): a build that defines these records when the
+// first thread of each warpgroup reaches the points below; otherwise they are nothing.
+#ifndef FWD_SM90_TRACE
+#define FWD_SM90_TRACE_INIT
+#define FWD_SM90_TRACE(event)
+#endif
+
 namespace flash {
 
 // One tile configuration of the Hopper forward.
@@ -85,6 +92,25 @@ struct FwdConfigSm90 {
     using Tile = std::conditional_t<(kHeadDim <= 128), FwdTileSm90<kHeadDim, 128, 2, 2, 56>,
                                     FwdTileSm90<kHeadDim, 80, 2, 2, 24>>;
 };
+
+// The four lanes of each quad (lanes 4g .. 4g + 3) hold word q of four 16-byte chunks
+// in a[0..3] (lane q, chunk i); afterwards lane q holds chunk q whole: a[i] = what lane i
+// held as a[q]. A 4 x 4 transpose in two butterflies, swapping bit 0 of the lane with bit
+// 0 of the index, then bit 1.
+__device__ __forceinline__ void transpose_quad(uint32_t (&a)[4], int q) {
+#pragma unroll
+    for (int bit = 1; bit <= 2; bit *= 2) {
+        const bool high = q & bit;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if (i & bit) continue;
+            // The pair (i, i + bit): keep the word whose index bit matches the lane's, trade the other.
+            const uint32_t got = __shfl_xor_sync(0xffffffff, high ? a[i] : a[i + bit], bit);
+            if (high) a[i] = got;
+            else a[i + bit] = got;
+        }
+    }
+}
 
 // kBand: a sliding window (p.window_left, p.window_right; causal is a band kernel with
 // kCausal false then), as in the sm_80 kernel. kSoftcap (band kernels only): the
@@ -142,6 +168,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     };
 
     const int warpgroup = threadIdx.x / 128;
+    FWD_SM90_TRACE_INIT;
     if (threadIdx.x == 0) {
         mbarrier_init(q_full, 1);
         mbarrier_init(q_empty, kConsumers * 128);  // every consumer thread: each has read `taken`
@@ -163,6 +190,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
             // done with the last block's.
             auto start_block = [&](int round, int index, const Work& w) {
                 if (round > 0) mbarrier_wait(q_empty, (round - 1) & 1);
+                FWD_SM90_TRACE(12);
                 st_shared_u32(taken, index);  // read by the consumers after q_full
                 if (index >= n_blocks) return mbarrier_arrive(q_full);
                 mbarrier_arrive_expect_tx(q_full, Tile::kQBytes);
@@ -175,6 +203,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
             auto load_kv = [&](const CUtensorMap* map, uint32_t full, uint32_t empty, uint32_t dst, int tile,
                                int head_kv, int batch) {
                 mbarrier_wait(empty, released);
+                FWD_SM90_TRACE(map == &k_map ? 11 : 13);
                 mbarrier_arrive_expect_tx(full, Tile::kKVBytes);
                 for (int box = 0; box < Tile::kBoxes; ++box)
                     tma_load_4d(dst + box * kBlockN * kSwizzleRow, map, full, box * Tile::kBoxCols, tile * kBlockN,
@@ -182,6 +211,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
             };
             for (int round = 0;; ++round) {
                 const int index = atomicAdd(p.block_counter, 1);
+                FWD_SM90_TRACE(10);
                 const bool done = index >= n_blocks;
                 const Work w = work_of(done ? 0 : index);
                 const int head_kv = w.head / (p.heads_q / p.heads_kv);
@@ -379,10 +409,12 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 float alpha[2];
                 mbarrier_wait(k_full(stage_of(0)), phase_of(0));
                 wait_turn();
+                FWD_SM90_TRACE(2);
                 issue_qk(s, stage_of(0));
                 pass_turn();
                 wgmma_wait<0>();
                 fence_operands(s);
+                FWD_SM90_TRACE(3);
                 release_k(0);
                 // Tile 0 is masked if it is at the top edge, or (in a band) at the lower edge with
                 // none unmasked. Written so that the plain kernels test only the first: testing
@@ -390,6 +422,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 if (w.masked_hi > 0 || (kBand && w.unmasked == 0)) softmax(s, tile_of(0), std::true_type{}, alpha);
                 else softmax(s, tile_of(0), std::false_type{}, alpha);
                 to_fragments(s, pf);  // O is still 0: α has nothing to scale
+                FWD_SM90_TRACE(4);
             }
             auto step = [&](int it, auto masked) {
                 const int stage = stage_of(it), prev = stage_of(it - 1);
@@ -397,16 +430,20 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 mbarrier_wait(k_full(stage), phase_of(it));
                 mbarrier_wait(v_full(prev), phase_of(it - 1));
                 wait_turn();
+                FWD_SM90_TRACE(2);
                 issue_qk(s, stage);
                 issue_pv(pf, prev);
                 pass_turn();
                 wgmma_wait<1>();  // S has landed; O += P V still runs
                 fence_operands(s);
+                FWD_SM90_TRACE(3);
                 release_k(it);
                 float alpha[2];
                 softmax(s, tile_of(it), masked, alpha);
+                FWD_SM90_TRACE(4);
                 wgmma_wait<0>();
                 fence_operands(o_acc);
+                FWD_SM90_TRACE(5);
                 release(v_empty(prev));
                 rescale_o(alpha);
                 to_fragments(s, pf);
@@ -415,19 +452,26 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
             const int last = stage_of(w.n_tiles - 1);
             mbarrier_wait(v_full(last), phase_of(w.n_tiles - 1));
             wait_turn();
+            FWD_SM90_TRACE(6);
             issue_pv(pf, last);
             pass_turn();
             wgmma_wait<0>();
             fence_operands(o_acc);
+            FWD_SM90_TRACE(5);
             release(v_empty(last));
         }
     };
 
     // O = O / l;  LSE = scale·m + ln l, the natural log of Σ exp(scale·S). O goes from
-    // registers to global memory, four lanes 16 contiguous bytes of a row; Q's buffer,
-    // where it could be staged, already holds the next block's Q.
+    // registers to global memory (Q's buffer, where it could be staged, already holds the
+    // next block's Q). A thread holds 2 of every 8 columns of its rows; the four lanes of a
+    // row trade them (transpose_quad) so that each stores 8 contiguous columns, 16 bytes,
+    // and the quad 64: a quarter of the store instructions and memory requests of 4-byte
+    // stores. The binding's O is 16-byte aligned: empty_like(q), so q's strides, which TMA
+    // took (multiples of 16 bytes), or contiguous.
     auto store = [&](const Work& w) {
         T* o = static_cast<T*>(p.o) + w.batch * p.o_batch_stride + w.head * p.o_head_stride;
+        const int quad_lane = lane % 4;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float l = row_sum[r];
@@ -435,16 +479,25 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
             l += __shfl_xor_sync(0xffffffff, l, 2);
             const float inv_sum = l > 0.f ? 1.f / l : 0.f;
             const int row = row0 + 8 * r;
-            if (row >= p.seqlen_q) continue;
-            if (lane % 4 == 0) {
+            const bool in_range = row < p.seqlen_q;  // the whole quad's row: all four lanes trade
+            if (in_range && quad_lane == 0) {
                 p.lse[(static_cast<int64_t>(w.batch) * p.heads_q + w.head) * p.seqlen_q + row] =
                     l > 0.f ? row_max[r] * p.scale + logf(l) : -INFINITY;
             }
-            T* o_row = o + row * p.o_row_stride + col0;
+            T* o_row = o + row * p.o_row_stride;
 #pragma unroll
-            for (int j = 0; j < kHeadDim / 8; ++j)
-                *reinterpret_cast<uint32_t*>(o_row + 8 * j) =
-                    pack2<T>(o_acc[4 * j + 2 * r] * inv_sum, o_acc[4 * j + 2 * r + 1] * inv_sum);
+            for (int k = 0; k < kHeadDim / 32; ++k) {
+                uint32_t words[4];  // columns col0, col0 + 1 of the 8-column chunks 4k .. 4k + 3
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int j = 4 * k + i;
+                    words[i] = pack2<T>(o_acc[4 * j + 2 * r] * inv_sum, o_acc[4 * j + 2 * r + 1] * inv_sum);
+                }
+                transpose_quad(words, quad_lane);  // now chunk 4k + quad_lane, all 8 columns
+                if (in_range)
+                    *reinterpret_cast<uint4*>(o_row + 8 * (4 * k + quad_lane)) =
+                        make_uint4(words[0], words[1], words[2], words[3]);
+            }
         }
     };
 
@@ -454,6 +507,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
         mbarrier_wait(q_full, round & 1);
         const int index = static_cast<int>(ld_shared_u32(taken));
         if (index >= n_blocks) break;
+        FWD_SM90_TRACE(1);
         const Work w = work_of(index);
         row0 = w.m0 + wg_row0 + warp * 16 + lane / 4;
 #pragma unroll
@@ -461,6 +515,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
         for (int r = 0; r < 2; ++r) row_max[r] = -INFINITY, row_sum[r] = 0.f;
         attend(w, ring);
         store(w);
+        FWD_SM90_TRACE(7);
         ring += w.n_tiles;
     }
     if (kOverlap && consumer == 0) wait_turn();

@@ -12,6 +12,7 @@ at head dims up to 128."""
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,24 @@ def test_ptxas_keeps_the_hopper_forward_pipelined(tmp_path, head_dim, variant):
     if head_dim <= 128:
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
         assert spills and all(a == b == "0" for a, b in spills), report
+
+
+def test_forward_trace_harness(tmp_path):
+    """bench/trace_fwd_sm90.cu (the Hopper forward's timeline) builds wherever nvcc is; on a
+    Hopper GPU it runs and bench/trace_fwd_sm90.py reads what it wrote."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    exe = tmp_path / "trace"
+    build = subprocess.run(NVCC_SM90 + [str(ROOT / "bench" / "trace_fwd_sm90.cu"), "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+    if not HOPPER:
+        return
+    trace = tmp_path / "trace.bin"
+    run = subprocess.run([str(exe), "128", "512", "8", "16", "1", str(trace)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "TFLOP/s (traced)" in run.stdout, run.stdout + run.stderr
+    read = subprocess.run([sys.executable, str(ROOT / "bench" / "trace_fwd_sm90.py"), str(trace)], capture_output=True,
+                          text=True, timeout=120)
+    assert read.returncode == 0, read.stdout + read.stderr
+    assert re.search(r"consumer 1: [1-9]\d* blocks", read.stdout) and "store" in read.stdout, read.stdout
