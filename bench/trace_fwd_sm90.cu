@@ -6,6 +6,8 @@
 //        -Icsrc -o trace bench/trace_fwd_sm90.cu
 //   ./trace HEAD_DIM SEQLEN BATCH HEADS CAUSAL OUT.bin
 //
+// bf16, no window, the overlapped kernel (the library's default; the trace points are on
+// its path only); -DNO_TRACE times the kernel as the library builds it.
 // Events: consumers 1 block start (its Q has landed), 2 turn taken (S or S + P V issued
 // next), 3 S landed, 4 softmax done, 5 P V done, 6 turn taken for the last P V, 7 O
 // stored; producer 10 block taken, 11 K load issued, 12 Q load issued, 13 V load issued.
