@@ -14,9 +14,6 @@ import sys
 
 import numpy as np
 
-NAMES = {1: "start", 2: "turn", 3: "S", 4: "softmax", 5: "PV", 6: "last turn", 7: "stored",
-         10: "taken", 11: "K", 12: "Q", 13: "V"}
-
 
 def load(path):
     raw = np.fromfile(path, dtype=np.uint8)
