@@ -7,10 +7,13 @@
 //   ./trace HEAD_DIM SEQLEN BATCH HEADS CAUSAL OUT.bin
 //
 // bf16, no window, the overlapped kernel (the library's default; the trace points are on
-// its path only); -DNO_TRACE times the kernel as the library builds it.
+// its path only); -DNO_TRACE times the kernel as the library builds it. It prints the
+// time and a hash of O and the LSE: two builds that compute the same numbers print the
+// same hash (an A/B of kernel changes checks them bit for bit).
 // Events: consumers 1 block start (its Q has landed), 2 turn taken (S or S + P V issued
 // next), 3 S landed, 4 softmax done, 5 P V done, 6 turn taken for the last P V, 7 O
-// stored; producer 10 block taken, 11 K load issued, 12 Q load issued, 13 V load issued.
+// stored (at head dim <= 128: its TMA store issued); producer 10 block taken, 11 K load
+// issued, 12 Q load issued, 13 V load issued.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -105,6 +108,14 @@ int main(int argc, char** argv) {
     const double flop = 4.0 * batch * heads * n * static_cast<double>(n) * d / (causal ? 2 : 1);
     std::printf("d=%d N=%d batch=%d heads=%d causal=%d: %.4f ms, %.0f TFLOP/s (%s)\n", d, n, batch, heads,
                 causal, ms, flop / ms / 1e9, kTraced ? "traced" : "not traced");
+    // A hash of O and the LSE: builds that should compute the same numbers print the same.
+    std::vector<unsigned char> bytes(elems * 2 + static_cast<size_t>(batch) * heads * n * 4);
+    check_cuda(cudaMemcpy(bytes.data(), o, elems * 2, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    check_cuda(cudaMemcpy(bytes.data() + elems * 2, lse, bytes.size() - elems * 2, cudaMemcpyDeviceToHost),
+               "cudaMemcpy");
+    unsigned long long hash = 14695981039346656037ull;  // FNV-1a
+    for (unsigned char b : bytes) hash = (hash ^ b) * 1099511628211ull;
+    std::printf("output hash %016llx\n", hash);
     check_cuda(cudaMemset(trace, 0, trace_words * 8), "cudaMemset");
     go(1);  // the traced launch
     std::vector<unsigned long long> out(trace_words);

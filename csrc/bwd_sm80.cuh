@@ -76,7 +76,7 @@ struct BwdKVTileSm80 {
     static constexpr int kDqTiles = kDqCols / kMmaN;  // 8-wide column tiles of dQ per warp
     static_assert(kWarps % kDqRowGroups == 0 && kDqCols % kMmaK == 0, "dQ warp layout");
     static_assert(2 * kBlockM / 4 <= kThreads, "one 16-byte chunk of L or D per thread");
-    static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+    static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory");
 
     // The dQ accumulator of one query block, kBlockM x kHeadDim floats, is
     // stored in the order the warps add to it, not row by row: a thread adds
@@ -117,7 +117,7 @@ struct BwdDqTileSm80 {
     static constexpr int kSmemBytes = (2 * kQElems + 4 * kKVElems) * 2;
 
     static_assert(kBlockN % kMmaK == 0 && kBwdRowPad % kBlockM == 0, "tile");
-    static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+    static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory");
 };
 
 // A dK/dV tile and a dQ tile for the deterministic pass.

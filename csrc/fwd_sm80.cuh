@@ -49,7 +49,7 @@ struct FwdTileSm80 {
     static_assert(kHeadDim % kMmaK == 0 && kHeadDim <= 256, "head dim");
     static_assert(kBlockN % kMmaK == 0 && kBlockM % kWarpRows == 0, "tile");
     static_assert(kSwizzled || (kHeadDim / kChunk) % 2 == 0, "padding needs an even chunk count per row");
-    static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+    static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory");
     static_assert(kStages == 1 || kStages == 2, "stages");
 };
 

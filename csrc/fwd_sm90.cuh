@@ -10,7 +10,8 @@
 // each on its own "empty" mbarrier, once their products have read it, and Q's
 // buffer once their last S = Q Kᵀ of the block is done. So the next block's Q and
 // first K and V load while the consumers finish the last block, whose O they
-// write from registers. Each consumer
+// store by TMA from a buffer of its own (from registers at head dim 256, where
+// the buffer does not fit). Each consumer
 // warpgroup (64 query rows, many registers) computes S = Q Kᵀ and O += P V with
 // wgmma and the online softmax in registers. With kOverlap, a consumer issues
 // the next tile's S = Q Kᵀ and the last tile's O += P V together and runs the
@@ -62,9 +63,12 @@ struct FwdTileSm90 {
     static constexpr int kQBytes = kBlockM * kHeadDim * 2;
     static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
     static constexpr int kBarriers = 2 + 4 * kStages;         // Q full and empty; K and V full and empty per stage
-    // 1024 bytes of slack to align the tiles to the swizzle's 1024-byte period; the
-    // barriers, then the scheduler's answer (an int).
-    static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 8;
+    static constexpr int kTileBytes = kQBytes + 2 * kStages * kKVBytes;
+    // O staged in shared memory (kQBytes, laid out as Q) and stored by TMA where it fits.
+    static constexpr bool kStageO = 1024 + kTileBytes + kQBytes + 8 * kBarriers + 8 <= kMaxSmemBytes;
+    // 1024 bytes of slack to align the tiles to the swizzle's 1024-byte period; the tiles;
+    // O's buffer if staged; the barriers, then the scheduler's answer (an int).
+    static constexpr int kSmemBytes = 1024 + kTileBytes + (kStageO ? kQBytes : 0) + 8 * kBarriers + 8;
     // Register budgets per thread after setmaxnreg (multiples of 8, at most 240). The block
     // owns what it was launched with, kThreads x the launch-bound count (168 for 384 threads):
     // setmaxnreg.inc takes only registers the producer's .dec gave back, and waits forever
@@ -77,7 +81,7 @@ struct FwdTileSm90 {
     static_assert(kHeadDim % kBoxCols == 0 && kHeadDim <= 256, "head dim: 64, 128, 192 or 256");
     static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N");
     static_assert(kBlockM <= 256, "TMA box rows");
-    static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+    static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory");
 };
 
 // The tile sizes of the Hopper forward per head dim: the one place they are chosen.
@@ -119,7 +123,8 @@ __device__ __forceinline__ void transpose_quad(uint32_t (&a)[4], int q) {
 template <typename T, typename Tile, bool kCausal, bool kBand, bool kSoftcap, bool kOverlap>
 __global__ void __launch_bounds__(Tile::kThreads, 1)
 fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap q_map,
-                const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
+                const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
+                const __grid_constant__ CUtensorMap o_map) {
     static_assert(!(kCausal && kBand), "a band kernel covers causal");
     static_assert(!kSoftcap || kBand, "soft-capping comes with the band kernel");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -137,7 +142,8 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     const uint32_t q_smem = (smem_addr(smem_raw) + 1023) & ~1023u;   // [kBoxes][kBlockM][64]
     const uint32_t k_smem = q_smem + Tile::kQBytes;                    // [kStages][kBoxes][kBlockN][64]
     const uint32_t v_smem = k_smem + kStages * Tile::kKVBytes;         // [kStages][kBoxes][kBlockN][64]
-    const uint32_t barriers = v_smem + kStages * Tile::kKVBytes;
+    const uint32_t o_smem = v_smem + kStages * Tile::kKVBytes;         // [kBoxes][kBlockM][64] if kStageO
+    const uint32_t barriers = o_smem + (Tile::kStageO ? Tile::kQBytes : 0);
     const uint32_t q_full = barriers, q_empty = barriers + 8;
     auto k_full = [&](int stage) { return barriers + 8 * (2 + stage); };
     auto v_full = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
@@ -288,6 +294,9 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     constexpr int kTurn = 1;  // named barriers 1 .. kConsumers (0 is __syncthreads)
     const int next = (consumer + 1) % kConsumers;
     auto wait_turn = [&] { named_barrier_sync(kTurn + consumer, 256); };
+    // Named barrier kTurn + kConsumers + c: the 128 threads of consumer c, around O's staging.
+    auto sync_consumer = [&] { named_barrier_sync(kTurn + kConsumers + consumer, 128); };
+    const bool o_issuer = threadIdx.x % 128 == 0;  // the consumer's thread that stores O by TMA
     auto pass_turn = [&] { named_barrier_arrive(kTurn + next, 256); };
 
     // Soft-capped, a raw score x becomes softcap_out · tanh(softcap_in · x) (FwdParams).
@@ -462,14 +471,54 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
         }
     };
 
-    // O = O / l;  LSE = scale·m + ln l, the natural log of Σ exp(scale·S). O goes from
-    // registers to global memory (Q's buffer, where it could be staged, already holds the
-    // next block's Q). A thread holds 2 of every 8 columns of its rows; the four lanes of a
-    // row trade them (transpose_quad) so that each stores 8 contiguous columns, 16 bytes,
-    // and the quad 64: a quarter of the store instructions and memory requests of 4-byte
-    // stores. The binding's O is 16-byte aligned: empty_like(q), so q's strides, which TMA
-    // took (multiples of 16 bytes), or contiguous.
+    // O = O / l;  LSE = scale·m + ln l, the natural log of Σ exp(scale·S). Both stores
+    // below write the LSE the same way, each inside its own loop: shared as one helper,
+    // the head-dim-256 kernel came out 4.5% slower at 512 (bench/PERFORMANCE.md, H8).
+    // Where O's buffer fits beside the tiles (kStageO, head dim <= 128), O goes through it:
+    // each thread writes its words there, laid out as Q's (the 128-byte swizzle: 16-byte
+    // chunk c of row r at c ^ (r % 8)), and one thread per consumer stores the consumer's 64
+    // rows by TMA (rows past the end are not written). The consumer goes on without waiting
+    // for the store; before the buffer is written again, the issuing thread waits until the
+    // last block's store has read it.
+    auto store_staged = [&](const Work& w) {
+        if (o_issuer) bulk_wait_group_read<0>();
+        sync_consumer();
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = row_sum[r];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const float inv_sum = l > 0.f ? 1.f / l : 0.f;
+            const int row = row0 + 8 * r;
+            if (row < p.seqlen_q && lane % 4 == 0) {
+                p.lse[(static_cast<int64_t>(w.batch) * p.heads_q + w.head) * p.seqlen_q + row] =
+                    l > 0.f ? row_max[r] * p.scale + logf(l) : -INFINITY;
+            }
+            const int block_row = wg_row0 + warp * 16 + lane / 4 + 8 * r;
+#pragma unroll
+            for (int j = 0; j < kHeadDim / 8; ++j) {
+                const uint32_t chunk = (j % 8) ^ (block_row % 8);
+                st_shared_u32(o_smem + ((j / 8) * kBlockM + block_row) * kSwizzleRow + chunk * 16 + (lane % 4) * 4,
+                              pack2<T>(o_acc[4 * j + 2 * r] * inv_sum, o_acc[4 * j + 2 * r + 1] * inv_sum));
+            }
+        }
+        fence_proxy_async_shared();
+        sync_consumer();
+        if (o_issuer) {
+            for (int box = 0; box < Tile::kBoxes; ++box)
+                tma_store_4d(&o_map, o_smem + (box * kBlockM + wg_row0) * kSwizzleRow, box * Tile::kBoxCols,
+                             w.m0 + wg_row0, w.head, w.batch);
+            bulk_commit_group();
+        }
+    };
+    // Otherwise (head dim 256) O goes from registers to global memory. A thread holds 2 of
+    // every 8 columns of its rows; the four lanes of a row trade them (transpose_quad) so
+    // that each stores 8 contiguous columns, 16 bytes, and the quad 64: a quarter of the
+    // store instructions and memory requests of 4-byte stores. The binding's O is 16-byte
+    // aligned: empty_like(q), so q's strides, which TMA took (multiples of 16 bytes), or
+    // contiguous.
     auto store = [&](const Work& w) {
+        if constexpr (Tile::kStageO) return store_staged(w);
         T* o = static_cast<T*>(p.o) + w.batch * p.o_batch_stride + w.head * p.o_head_stride;
         const int quad_lane = lane % 4;
 #pragma unroll
@@ -519,6 +568,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
         ring += w.n_tiles;
     }
     if (kOverlap && consumer == 0) wait_turn();
+    if (Tile::kStageO && o_issuer) bulk_wait_group_read<0>();  // the last O read before the block exits
 #else
     __trap();  // compiled for a GPU without sm_90a's instructions: the launcher never picks it there
 #endif
@@ -575,6 +625,8 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
                                                  p.k_head_stride, p.k_row_stride, Tile::kBlockN);
     const CUtensorMap v_map = make_tensor_map<T>(p.v, p.batch, p.heads_kv, p.seqlen_k, kHeadDim, p.v_batch_stride,
                                                  p.v_head_stride, p.v_row_stride, Tile::kBlockN);
+    const CUtensorMap o_map = make_tensor_map<T>(p.o, p.batch, p.heads_q, p.seqlen_q, kHeadDim, p.o_batch_stride,
+                                                 p.o_head_stride, p.o_row_stride, Tile::kWarpgroupRows);
     auto kernel = sm90_overlap ? fwd_kernel_sm90<T, Tile, kCausal, kBand, kSoftcap, true>
                                : fwd_kernel_sm90<T, Tile, kCausal, kBand, kSoftcap, false>;
     set_smem(kernel, Tile::kSmemBytes, "Hopper forward, head dim " + std::to_string(kHeadDim));
@@ -587,7 +639,7 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
     const int grid = std::min(sms, m_blocks * p.heads_q * p.batch);
-    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params, q_map, k_map, v_map);
+    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params, q_map, k_map, v_map, o_map);
     check_cuda(cudaGetLastError(), "flash_ext Hopper forward launch");
 }
 

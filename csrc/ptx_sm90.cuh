@@ -82,6 +82,24 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
         : "memory");
 }
 
+// The other way (cp.async.bulk.tensor, shared::cta to global, bulk_group completion):
+// a box from shared memory (written by ordinary stores, then fence_proxy_async_shared in
+// the writing threads and a barrier) to global memory; rows past the tensor's end are
+// not written. One thread issues it, then commits the group; before the shared memory
+// is written again, that thread waits until the group has been read.
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2, int c3) {
+    asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+                     reinterpret_cast<uint64_t>(map)),
+                 "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Wait until at most N committed groups have not yet read their shared memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_group_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+
 // ---- 32-bit stores to and loads from shared memory at a shared-memory address
 // (st.shared 9.7.9.9, ld.shared 9.7.9.8).
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t value) {

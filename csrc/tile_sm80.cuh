@@ -12,6 +12,9 @@
 
 namespace flash {
 
+// The most shared memory a block can opt into on sm_80 and sm_90 (A100, H100).
+constexpr int kMaxSmemBytes = 227 * 1024;
+
 template <typename Tag> struct DeviceType;
 template <> struct DeviceType<Fp16> { using type = __half; };
 template <> struct DeviceType<Bf16> { using type = __nv_bfloat16; };
