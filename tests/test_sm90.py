@@ -10,6 +10,7 @@ the right answer, a third slower. Here that advice fails the test, and so does a
 at head dims up to 128."""
 
 import ast
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -103,3 +104,39 @@ def test_forward_trace_harness(tmp_path):
                           text=True, timeout=120)
     assert read.returncode == 0, read.stdout + read.stderr
     assert re.search(r"consumer 1: [1-9]\d* blocks", read.stdout) and "store" in read.stdout, read.stdout
+
+
+def load_ab_tool():
+    spec = importlib.util.spec_from_file_location("ab_fwd_sm90", ROOT / "bench" / "ab_fwd_sm90.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_table_medians_changes_and_hashes():
+    """bench/ab_fwd_sm90.py's table: the baseline's median, the others' change against it, a
+    differing output hash and a failed run said as such."""
+    ab = load_ab_tool()
+    shape, other, third = "64 512 32 32 0", "128 512 32 16 1", "256 2048 8 8 1"
+    results = {(shape, "main"): [(100.0, "a"), (250.0, "a"), (200.0, "a")],
+               (shape, "new"): [(210.0, "a"), (220.0, "a"), (900.0, "a")],
+               (shape, "odd"): [(200.0, "b"), (200.0, "b"), (200.0, "b")],
+               (other, "main"): [(400.0, "c")], (other, "new"): [(None, "timed out")], (other, "odd"): [(400.0, "c")],
+               (third, "main"): [(None, "exit 1")], (third, "new"): [(300.0, "d")], (third, "odd"): [(300.0, "e")]}
+    rows = ab.summarise(results, ["main", "new", "odd"], [shape, other, third])
+    assert rows[2] == "| 64 512 32 32 0 | 200 | 220 (+10.0%) | 200 (+0.0%), hash differs |", rows
+    assert rows[3] == "| 128 512 32 16 1 | 400 | failed: timed out | 400 (+0.0%) |", rows
+    assert rows[4] == "| 256 2048 8 8 1 | failed: exit 1 | 300 | 300 |", rows
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a GPU of compute capability 9.0")
+def test_ab_tool_builds_and_runs(tmp_path):
+    """The A/B tool end to end on one shape: two builds of the same source print the same hash."""
+    build = subprocess.run([sys.executable, str(ROOT / "bench" / "ab_fwd_sm90.py"), "build", str(tmp_path),
+                            f"a={ROOT / 'csrc'}", f"b={ROOT / 'csrc'}"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "ab_fwd_sm90.py"), "run", str(tmp_path), "--reps", "1",
+                          "--shape", "128 1050 2 4 1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    row = run.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"\| 128 1050 2 4 1 \| \d+ \| \d+ \([+-]\d+\.\d%\) \|", row), run.stdout
