@@ -63,12 +63,12 @@ struct FwdTileSm90 {
     static constexpr int kQBytes = kBlockM * kHeadDim * 2;
     static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
     static constexpr int kBarriers = 2 + 4 * kStages;         // Q full and empty; K and V full and empty per stage
-    static constexpr int kTileBytes = kQBytes + 2 * kStages * kKVBytes;
+    // 1024 bytes of slack to align the tiles to the swizzle's 1024-byte period; Q and the
+    // K and V stages; the barriers, then the scheduler's answer (an int).
+    static constexpr int kBaseBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 8;
     // O staged in shared memory (kQBytes, laid out as Q) and stored by TMA where it fits.
-    static constexpr bool kStageO = 1024 + kTileBytes + kQBytes + 8 * kBarriers + 8 <= kMaxSmemBytes;
-    // 1024 bytes of slack to align the tiles to the swizzle's 1024-byte period; the tiles;
-    // O's buffer if staged; the barriers, then the scheduler's answer (an int).
-    static constexpr int kSmemBytes = 1024 + kTileBytes + (kStageO ? kQBytes : 0) + 8 * kBarriers + 8;
+    static constexpr bool kStageO = kBaseBytes + kQBytes <= kMaxSmemBytes;
+    static constexpr int kSmemBytes = kBaseBytes + (kStageO ? kQBytes : 0);
     // Register budgets per thread after setmaxnreg (multiples of 8, at most 240). The block
     // owns what it was launched with, kThreads x the launch-bound count (168 for 384 threads):
     // setmaxnreg.inc takes only registers the producer's .dec gave back, and waits forever
@@ -517,8 +517,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     // store instructions and memory requests of 4-byte stores. The binding's O is 16-byte
     // aligned: empty_like(q), so q's strides, which TMA took (multiples of 16 bytes), or
     // contiguous.
-    auto store = [&](const Work& w) {
-        if constexpr (Tile::kStageO) return store_staged(w);
+    auto store_direct = [&](const Work& w) {
         T* o = static_cast<T*>(p.o) + w.batch * p.o_batch_stride + w.head * p.o_head_stride;
         const int quad_lane = lane % 4;
 #pragma unroll
@@ -548,6 +547,10 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                         make_uint4(words[0], words[1], words[2], words[3]);
             }
         }
+    };
+    auto store = [&](const Work& w) {
+        if constexpr (Tile::kStageO) store_staged(w);
+        else store_direct(w);
     };
 
     if (kOverlap && consumer + 1 == kConsumers) pass_turn();
