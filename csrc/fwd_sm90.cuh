@@ -91,11 +91,37 @@ struct FwdTileSm90 {
 // bytes per cycle as the tensor cores take (bench/PERFORMANCE.md, H5); its registers
 // need the consumers at 240, the producer at 24, where its one thread keeps a few values
 // on the stack. Below 256 the producer keeps 56 (no spills; 24 measured slower there).
+//
+// AltTile, where it differs, is taken instead of Tile when it multiplies enough fewer key
+// columns (key_columns): at 256 a key tile of 64, for the lengths that 80 divides badly.
+// At 512, 80 multiplies 560 key columns a query block (a last tile of 32 keys) where 64
+// multiplies 512; causal, the diagonal cuts tiles of 80 at a different place in each block
+// (1440 columns a head at 512, 1280 with 64). 64's steady loop runs ~4% slower (2k and 4k
+// without a mask), so it is taken where it saves more than 1/19 of the columns: measured
+// (bench/PERFORMANCE.md, H9), it won where it saved 9-11% (512: +5-6%) and 5.6% (causal
+// 1k, +2.9%), and lost where it saved 5.1% (causal 1050, -2.4%).
 template <int kHeadDim>
 struct FwdConfigSm90 {
     using Tile = std::conditional_t<(kHeadDim <= 128), FwdTileSm90<kHeadDim, 128, 2, 2, 56>,
                                     FwdTileSm90<kHeadDim, 80, 2, 2, 24>>;
+    using AltTile = std::conditional_t<(kHeadDim <= 128), Tile, FwdTileSm90<kHeadDim, 64, 2, 2, 24>>;
+    // AltTile is taken when its key columns x kAltCost < Tile's key columns x kTileCost.
+    static constexpr int kAltCost = 19, kTileCost = 18;
 };
+
+// The key columns that the query blocks of one (batch, head) multiply, Tile's tiles.
+template <typename Tile, bool kCausal, bool kBand>
+int64_t key_columns(const FwdParams& p) {
+    const int diag = p.seqlen_k - p.seqlen_q;
+    int64_t tiles = 0;
+    for (int m0 = 0; m0 < p.seqlen_q; m0 += Tile::kBlockM) {
+        if constexpr (kBand)
+            tiles += band_tiles<Tile::kBlockM, Tile::kBlockN>(m0, diag, p.seqlen_k, p.window_left, p.window_right).count;
+        else
+            tiles += key_tiles<Tile::kBlockM, Tile::kBlockN, kCausal>(m0, diag, p.seqlen_k).count;
+    }
+    return tiles * Tile::kBlockN;
+}
 
 // The four lanes of each quad (lanes 4g .. 4g + 3) hold word q of four 16-byte chunks
 // in a[0..3] (lane q, chunk i); afterwards lane q holds chunk q whole: a[i] = what lane i
@@ -618,10 +644,10 @@ CUtensorMap make_tensor_map(const void* data, int batch, int heads, int seqlen, 
     return map;
 }
 
-template <typename Tag, int kHeadDim, bool kCausal, bool kBand, bool kSoftcap>
-void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+template <typename Tag, typename Tile, bool kCausal, bool kBand, bool kSoftcap>
+void launch_fwd_sm90_tile(const FwdParams& p, cudaStream_t stream) {
     using T = typename DeviceType<Tag>::type;
-    using Tile = typename FwdConfigSm90<kHeadDim>::Tile;
+    constexpr int kHeadDim = Tile::kHeadDim;
     const CUtensorMap q_map = make_tensor_map<T>(p.q, p.batch, p.heads_q, p.seqlen_q, kHeadDim, p.q_batch_stride,
                                                  p.q_head_stride, p.q_row_stride, Tile::kBlockM);
     const CUtensorMap k_map = make_tensor_map<T>(p.k, p.batch, p.heads_kv, p.seqlen_k, kHeadDim, p.k_batch_stride,
@@ -644,6 +670,19 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
     const int grid = std::min(sms, m_blocks * p.heads_q * p.batch);
     kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params, q_map, k_map, v_map, o_map);
     check_cuda(cudaGetLastError(), "flash_ext Hopper forward launch");
+}
+
+template <typename Tag, int kHeadDim, bool kCausal, bool kBand, bool kSoftcap>
+void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+    using Config = FwdConfigSm90<kHeadDim>;
+    using Tile = typename Config::Tile;
+    using AltTile = typename Config::AltTile;
+    if constexpr (!std::is_same_v<Tile, AltTile>) {
+        if (key_columns<AltTile, kCausal, kBand>(p) * Config::kAltCost <
+            key_columns<Tile, kCausal, kBand>(p) * Config::kTileCost)
+            return launch_fwd_sm90_tile<Tag, AltTile, kCausal, kBand, kSoftcap>(p, stream);
+    }
+    launch_fwd_sm90_tile<Tag, Tile, kCausal, kBand, kSoftcap>(p, stream);
 }
 
 }  // namespace flash

@@ -164,7 +164,7 @@ struct KeyTiles {
 };
 
 template <int kBlockM, int kBlockN, bool kCausal>
-__device__ __forceinline__ KeyTiles key_tiles(int m0, int diag, int seqlen_k) {
+__host__ __device__ __forceinline__ KeyTiles key_tiles(int m0, int diag, int seqlen_k) {
     const int n_end = kCausal ? max(0, min(seqlen_k, m0 + kBlockM + diag)) : seqlen_k;
     const int count = ceil_div(n_end, kBlockN);
     int masked_from = count * kBlockN > seqlen_k ? count - 1 : count;

@@ -3,6 +3,7 @@ low-precision error as the bar: error(flash_ext) <= 2 * error(SDPA math in the
 same dtype) + a small absolute slack. Skipped without a GPU."""
 
 import math
+import re
 import zlib
 
 import pytest
@@ -140,6 +141,21 @@ def test_hopper_runs_the_sm90_forward_where_it_applies():
     assert "fwd_kernel_sm90" not in forward_kernel_names(q, k, v)
     q, k, v = make_qkv(1, 2, 2, 300, 300, 120, torch.bfloat16, 120)  # runs on 128 with padded columns
     assert "fwd_kernel_sm90" not in forward_kernel_names(q, k, v)
+
+
+@on_hopper_with_sm90
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_head_dim_256_takes_the_key_tile_that_multiplies_less(causal):
+    """At head dim 256 the Hopper forward has two key tiles, 80 and 64 keys (FwdConfigSm90):
+    64 where 80 multiplies enough more key columns (512 keys: 7 tiles of 80, the last with 32
+    keys, against 8 of 64), 80 otherwise (2048). Both give the right answer."""
+    tiles = {}
+    for n in (512, 2048):
+        q, k, v = make_qkv(16384 // n // 4, 4, 2, n, n, 256, torch.bfloat16, zlib.crc32(repr((n, causal)).encode()))
+        names = forward_kernel_names(q, k, v, causal=causal)
+        tiles[n] = {int(x) for x in re.findall(r"FwdTileSm90<256, (\d+),", names)}
+        check_forward(q, k, v, causal)
+    assert tiles == {512: {64}, 2048: {80}}, tiles
 
 
 @on_hopper_with_sm90

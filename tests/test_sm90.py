@@ -6,8 +6,9 @@ nvcc is (so CI checks that it builds) and run on a GPU of compute capability 9.0
 Also, wherever nvcc is: ptxas's report on each Hopper forward kernel. ptxas turns a wgmma
 pipeline it cannot keep (registers short, accumulators read or written while in flight) into
 one product at a time, and says so only as advice (C7510-C7519); the kernels still compute
-the right answer, a third slower. Here that advice fails the test, and so does any spill
-at head dims up to 128."""
+the right answer, a third slower. Here that advice fails the test (C7510-C7529: C7520 is
+the same loss, found on a path it takes for divergent), and so does any spill at head dims
+up to 128."""
 
 import ast
 import importlib.util
@@ -77,8 +78,9 @@ def test_ptxas_keeps_the_hopper_forward_pipelined(tmp_path, head_dim, variant):
     report = build.stdout + build.stderr
     assert build.returncode == 0, report
     kernels = re.findall(r"Compiling entry function '(\w*fwd_kernel_sm90\w*)'", report)
-    assert len(kernels) == 2, report  # with and without the softmax overlap
-    advice = [line for line in report.splitlines() if re.search(r"\(C751\d\)", line)]
+    tiles = 2 if head_dim == 256 else 1  # FwdConfigSm90's Tile and AltTile
+    assert len(kernels) == 2 * tiles, report  # each with and without the softmax overlap
+    advice = [line for line in report.splitlines() if re.search(r"\(C75[12]\d\)", line)]
     assert not advice, "\n".join(advice)
     if head_dim <= 128:
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
