@@ -295,12 +295,13 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
     const Variant variant = set_band(p, causal, window_left, window_right, softcap);
 
     const bool sm90 = use_sm90(q, k, kernel_head_dim);
-    at::Tensor block_counter;  // the Hopper forward's scheduler
-    if (sm90) {
-        block_counter = at::zeros({1}, q.options().dtype(at::kInt));
-        p.block_counter = block_counter.data_ptr<int>();
-    }
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    at::Tensor block_counter;  // the Hopper forward's scheduler, zeroed by a memset (no fill kernel)
+    if (sm90) {
+        block_counter = at::empty({1}, q.options().dtype(at::kInt));
+        p.block_counter = block_counter.data_ptr<int>();
+        C10_CUDA_CHECK(cudaMemsetAsync(p.block_counter, 0, sizeof(int), stream));
+    }
     run_kernels(FwdLaunch{p, variant, sm90, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
     return {o, lse};
 }

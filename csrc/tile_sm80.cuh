@@ -4,8 +4,11 @@
 #pragma once
 
 #include <algorithm>
+#include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "params.h"
 #include "ptx.cuh"
@@ -305,8 +308,18 @@ void set_smem(Kernel kernel, int bytes, const std::string& what) {
                                     " bytes of shared memory per block; this GPU offers " +
                                     std::to_string(smem_optin));
     }
+    // Once per kernel, device and size: the attribute stays set, and setting it costs a call
+    // into the driver, which eager calls on short rows notice.
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    static std::mutex mutex;
+    static std::set<std::tuple<const void*, int, int>> done;
+    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, bytes);
+    std::lock_guard<std::mutex> lock(mutex);
+    if (done.count(key)) return;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
                "cudaFuncSetAttribute");
+    done.insert(key);
 }
 
 }  // namespace flash

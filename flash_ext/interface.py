@@ -8,6 +8,7 @@ tensors run the tiled reference in flash_ext.reference.
 import numbers
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import reference
 
@@ -151,14 +152,31 @@ def implementation(device):
     }
 
 
+def _fwd_cuda(q, k, v, causal, scale, window_left, window_right, softcap):
+    """The forward kernel: (O, LSE)."""
+    o, lse = _C.fwd(q, k, v, causal, scale, window_left, window_right, softcap)
+    return o, lse
+
+
+def _op_adds_nothing(q, k, v):
+    """True where the custom op flash_ext::fwd would only dispatch to _fwd_cuda: CUDA tensors of
+    the plain type, no gradient to record, no torch.compile tracing, and no dispatch or function
+    mode (FakeTensorMode, FlopCounterMode, torch.device(...)) that should see the op. There the
+    kernel is called directly: the op's dispatch costs an eager call more host time than the
+    kernel's own launch (bench/host_time.py; bench/PERFORMANCE.md, H9)."""
+    return (q.is_cuda and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled())
+
+
 @torch.library.custom_op("flash_ext::fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
          deterministic: bool = False, window_left: int = -1, window_right: int = -1, softcap: float = 0.0
          ) -> tuple[torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward; the forward is deterministic.
     if q.is_cuda:
-        o, lse = _C.fwd(q, k, v, causal, scale, window_left, window_right, softcap)
-        return o, lse
+        return _fwd_cuda(q, k, v, causal, scale, window_left, window_right, softcap)
     o, lse = reference.attention_forward(q, k, v, causal=causal, scale=scale, window=(window_left, window_right),
                                          softcap=softcap)
     return torch.empty_like(q).copy_(o), lse
@@ -241,5 +259,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, r
     band = check_inputs(q, k, v, causal, scale, deterministic, window, softcap)
     scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    o, lse = _fwd(q, k, v, causal, scale, deterministic, *band)
+    if _op_adds_nothing(q, k, v):
+        o, lse = _fwd_cuda(q, k, v, causal, scale, *band)
+    else:
+        o, lse = _fwd(q, k, v, causal, scale, deterministic, *band)
     return (o, lse) if return_lse else o

@@ -98,3 +98,33 @@ def test_compile_fullgraph_dynamic_cuda():
 def test_compile_fullgraph_window_and_softcap(device):
     dtype, tol = (torch.float64, 1e-10) if device == "cpu" else (torch.bfloat16, 2e-2)
     check_compiled(device, dtype, "aot_eager", tol, window=(7, 0), softcap=5.0)
+
+
+@CUDA
+def test_eager_calls_without_autograd_skip_only_the_op_dispatch(monkeypatch):
+    """flash_ext.attention calls the kernel itself where the op would only dispatch to it (no
+    gradient to record, no tracing, no mode), and the op everywhere else: with a gradient to
+    record and under a dispatch mode. Both give the same numbers bit for bit."""
+    from flash_ext import interface
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = []
+    op = interface._fwd
+    monkeypatch.setattr(interface, "_fwd", lambda *args: calls.append(1) or op(*args))
+    q, k, v = qkv(2, 4, 2, 300, 257, 64, "cuda", torch.bfloat16, 7)
+
+    with torch.no_grad():
+        direct = flash_ext.attention(q, k, v, causal=True, return_lse=True)
+    assert calls == []
+    assert direct[0].grad_fn is None
+    through_op = op(q, k, v, True, 0.125)
+    assert all(torch.equal(a, b) for a, b in zip(direct, through_op))
+
+    with FlopCounterMode(display=False):
+        flash_ext.attention(q, k, v, causal=True)
+    assert calls == [1]
+
+    q.requires_grad_(True)
+    o = flash_ext.attention(q, k, v, causal=True)
+    assert calls == [1, 1] and o.grad_fn is not None
+    assert torch.equal(o.detach(), direct[0])
