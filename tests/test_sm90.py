@@ -7,8 +7,8 @@ Also, wherever nvcc is: ptxas's report on each Hopper forward kernel. ptxas turn
 pipeline it cannot keep (registers short, accumulators read or written while in flight) into
 one product at a time, and says so only as advice (C7510-C7519); the kernels still compute
 the right answer, a third slower. Here that advice fails the test (C7510-C7529: C7520 is
-the same loss, found on a path it takes for divergent), and so does any spill at head dims
-up to 128."""
+the same serialization, where a fence it inserts falls on a path it cannot prove uniform),
+and so does any spill at head dims up to 128."""
 
 import ast
 import importlib.util
