@@ -92,26 +92,36 @@ struct FwdTileSm90 {
 // need the consumers at 240, the producer at 24, where its one thread keeps a few values
 // on the stack. Below 256 the producer keeps 56 (no spills; 24 measured slower there).
 //
-// AltTile, where it differs, is taken instead of Tile when it multiplies enough fewer key
-// columns (key_columns): at 256 a key tile of 64, for the lengths that 80 divides badly.
-// At 512, 80 multiplies 560 key columns a query block (a last tile of 32 keys) where 64
-// multiplies 512; causal, the diagonal cuts tiles of 80 at a different place in each block
-// (1440 columns a head at 512, 1280 with 64). 64's steady loop runs ~4% slower (2k and 4k
-// without a mask), so it is taken where it saves more than 1/19 of the columns: measured
-// (bench/PERFORMANCE.md, H9), it won where it saved 9-11% (512: +5-6%) and 5.6% (causal
-// 1k, +2.9%), and lost where it saved 5.1% (causal 1050, -2.4%).
-template <int kHeadDim>
+// AltTile, where it differs, is taken instead of Tile where it computes enough fewer
+// scores (score_area, the masked ones included), weighed by what each costs per score:
+// - at 256 a key tile of 64, for the lengths that 80 divides badly. At 512, 80 computes
+//   560 key columns a query block (a last tile of 32 keys) where 64 computes 512; causal,
+//   the diagonal cuts tiles of 80 at a different place in each block (1440 columns a head
+//   at 512, 1280 with 64). 64's steady loop runs ~4% slower (2k and 4k without a mask), so
+//   it is taken where it saves more than 1/19 of the scores: measured (bench/PERFORMANCE.md,
+//   H9), it won where it saved 9-11% (512: +5-6%) and 5.6% (causal 1k, +2.9%), and lost
+//   where it saved 5.1% (causal 1050, -2.4%).
+// - at 64 three consumer warpgroups (query blocks of 192), ~7% faster per score at long
+//   rows (H8, H9) but with more of each causal block masked and fewer, larger blocks: taken
+//   where its scores x 14 < the two warpgroups' x 15. 512 threads leave a consumer 160
+//   registers beside a producer at 32, and both spill a few values they reload once a
+//   key tile (16-60 bytes; measured faster all the same). With a band window the spills
+//   grow to 52-180 bytes, and that was not measured: band keeps two warpgroups.
+template <int kHeadDim, bool kBand>
 struct FwdConfigSm90 {
     using Tile = std::conditional_t<(kHeadDim <= 128), FwdTileSm90<kHeadDim, 128, 2, 2, 56>,
                                     FwdTileSm90<kHeadDim, 80, 2, 2, 24>>;
-    using AltTile = std::conditional_t<(kHeadDim <= 128), Tile, FwdTileSm90<kHeadDim, 64, 2, 2, 24>>;
-    // AltTile is taken when its key columns x kAltCost < Tile's key columns x kTileCost.
-    static constexpr int kAltCost = 19, kTileCost = 18;
+    using AltTile = std::conditional_t<
+        kHeadDim == 64 && !kBand, FwdTileSm90<kHeadDim, 128, 2, 3, 32>,
+        std::conditional_t<kHeadDim == 256, FwdTileSm90<kHeadDim, 64, 2, 2, 24>, Tile>>;
+    // AltTile is taken when its score area x kAltCost < Tile's x kTileCost.
+    static constexpr int kAltCost = kHeadDim == 64 ? 14 : 19, kTileCost = kHeadDim == 64 ? 15 : 18;
 };
 
-// The key columns that the query blocks of one (batch, head) multiply, Tile's tiles.
+// The scores that the query blocks of one (batch, head) compute with Tile: its tiles x
+// kBlockM x kBlockN, the masked ones included.
 template <typename Tile, bool kCausal, bool kBand>
-int64_t key_columns(const FwdParams& p) {
+int64_t score_area(const FwdParams& p) {
     const int diag = p.seqlen_k - p.seqlen_q;
     int64_t tiles = 0;
     for (int m0 = 0; m0 < p.seqlen_q; m0 += Tile::kBlockM) {
@@ -120,7 +130,7 @@ int64_t key_columns(const FwdParams& p) {
         else
             tiles += key_tiles<Tile::kBlockM, Tile::kBlockN, kCausal>(m0, diag, p.seqlen_k).count;
     }
-    return tiles * Tile::kBlockN;
+    return tiles * Tile::kBlockM * Tile::kBlockN;
 }
 
 // The four lanes of each quad (lanes 4g .. 4g + 3) hold word q of four 16-byte chunks
@@ -674,12 +684,12 @@ void launch_fwd_sm90_tile(const FwdParams& p, cudaStream_t stream) {
 
 template <typename Tag, int kHeadDim, bool kCausal, bool kBand, bool kSoftcap>
 void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
-    using Config = FwdConfigSm90<kHeadDim>;
+    using Config = FwdConfigSm90<kHeadDim, kBand>;
     using Tile = typename Config::Tile;
     using AltTile = typename Config::AltTile;
     if constexpr (!std::is_same_v<Tile, AltTile>) {
-        if (key_columns<AltTile, kCausal, kBand>(p) * Config::kAltCost <
-            key_columns<Tile, kCausal, kBand>(p) * Config::kTileCost)
+        if (score_area<AltTile, kCausal, kBand>(p) * Config::kAltCost <
+            score_area<Tile, kCausal, kBand>(p) * Config::kTileCost)
             return launch_fwd_sm90_tile<Tag, AltTile, kCausal, kBand, kSoftcap>(p, stream);
     }
     launch_fwd_sm90_tile<Tag, Tile, kCausal, kBand, kSoftcap>(p, stream);

@@ -159,6 +159,23 @@ def test_sm90_head_dim_256_takes_the_key_tile_that_multiplies_less(causal):
 
 
 @on_hopper_with_sm90
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_head_dim_64_takes_three_warpgroups_where_they_compute_few_more_scores(causal):
+    """At head dim 64 the Hopper forward has query blocks of 128 (two consumer warpgroups)
+    and of 192 (three), FwdConfigSm90: 192 where its blocks compute under 15/14 of 128's
+    scores (without a mask from 2048; causal, where the diagonal masks less of each block,
+    from about 8k, so 4097 with a ragged last block), 128 otherwise. Both give the right answer."""
+    lengths = {False: (1024, 2048), True: (2048, 4097)}[causal]
+    consumers = {}
+    for n in lengths:
+        q, k, v = make_qkv(1, 4, 2, n, n, 64, torch.bfloat16, zlib.crc32(repr((n, causal, 64)).encode()))
+        names = forward_kernel_names(q, k, v, causal=causal)
+        consumers[n] = {int(x) for x in re.findall(r"FwdTileSm90<64, 128, 2, (\d+),", names)}
+        check_forward(q, k, v, causal)
+    assert consumers == {lengths[0]: {2}, lengths[1]: {3}}, consumers
+
+
+@on_hopper_with_sm90
 @pytest.mark.parametrize("d", SM90_HEAD_DIMS)
 def test_sm90_forward_then_backward(d):
     """The backward runs unchanged on the Hopper forward's O and LSE."""
