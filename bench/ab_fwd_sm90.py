@@ -8,7 +8,9 @@ and whether it printed the first's output hash (O and the LSE, bit for bit).
 
 `run` needs a Hopper GPU. A binary built on the CPU machine runs on the GPU machine (the same
 nvcc): build here, keep DIR inside the work tree (untracked), and run there. ptxas's report
-for each variant is kept beside its binary (NAME.ptxas.txt).
+for each variant is kept beside its binary (NAME.ptxas.txt), and where a cuobjdump is found
+`build` prints each kernel's steady loop in every variant against the first
+(bench/sass_loops.py): a variant whose loop changed is one to A/B with care.
 """
 
 import argparse
@@ -47,6 +49,13 @@ def build(out, variants):
             if code:
                 sys.exit(f"{name} did not build: {out / name}.ptxas.txt")
     (out / "variants").write_text("\n".join(name for name, _ in variants) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import sass_loops  # noqa: PLC0415 (beside this file)
+
+    if sass_loops.find_cuobjdump() is None:
+        print("(no cuobjdump: the steady loops are not compared)")
+    else:
+        print("\n".join(sass_loops.table([out / name for name, _ in variants])))
 
 
 def run_once(exe, shape):

@@ -9,7 +9,12 @@ one product at a time, and says so only as advice (C7510-C7519); the kernels sti
 the right answer, a third slower. Here that advice fails the test (C7510-C7529: C7520 is
 the same serialization, where a fence it inserts falls on a path it cannot prove uniform),
 and so does any spill at head dims up to 128, but for the few bytes that d=64's three
-consumer warpgroups reload once a key tile (FwdConfigSm90)."""
+consumer warpgroups reload once a key tile (FwdConfigSm90). Where a cuobjdump is found
+(Triton's wheel carries one), each kernel's steady loop in the machine code too
+(bench/sass_loops.py): no local-memory loads or stores in it, and the wgmma descriptors in
+uniform registers (at most two moves into them, R2UR, per HGMMA; a loop whose descriptors
+ptxas computed in ordinary registers has four before every HGMMA and ran 6-8% slower in
+bench/PERFORMANCE.md's H6)."""
 
 import ast
 import importlib.util
@@ -52,6 +57,16 @@ NVCC_SM90 = ["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-gencode=
              "-Xptxas=-v", f"-I{ROOT / 'csrc'}"]
 
 
+def load_bench_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sass_loops = load_bench_tool("sass_loops")
+
+
 def setup_variants():
     """setup.py's VARIANTS, {name: (kCausal, kBand, kSoftcap)}, read without running setup.py."""
     tree = ast.parse((ROOT / "setup.py").read_text())
@@ -74,8 +89,8 @@ def test_ptxas_keeps_the_hopper_forward_pipelined(tmp_path, head_dim, variant):
     source.write_text('#include "fwd_sm90.cuh"\nnamespace flash {\n'
                       f"template <> void run_fwd_sm90<{args}>(const FwdParams& p, cudaStream_t stream) "
                       f"{{ launch_fwd_sm90<{args}>(p, stream); }}\n}}\n")
-    build = subprocess.run(NVCC_SM90 + ["-c", str(source), "-o", str(tmp_path / "fwd_sm90.o")],
-                           capture_output=True, text=True)
+    obj = tmp_path / "fwd_sm90.o"
+    build = subprocess.run(NVCC_SM90 + ["-c", str(source), "-o", str(obj)], capture_output=True, text=True)
     report = build.stdout + build.stderr
     assert build.returncode == 0, report
     # FwdConfigSm90's Tile and AltTile, each with and without the softmax overlap
@@ -91,6 +106,41 @@ def test_ptxas_keeps_the_hopper_forward_pipelined(tmp_path, head_dim, variant):
             assert int(stores) <= 64 and int(loads) <= 96, f"{name}: {stores} B spill stores, {loads} B loads"
         elif head_dim <= 128:
             assert stores == loads == "0", f"{name}: {stores} B spill stores, {loads} B loads"
+    cuobjdump = sass_loops.find_cuobjdump()
+    if cuobjdump is None:
+        return
+    loops = sass_loops.steady_loops(obj, cuobjdump)
+    assert len(loops) == 2 * tiles, list(loops)
+    for name, loop in loops.items():
+        said = f"{sass_loops.short_name(name)}: {sass_loops.describe(loop)}"
+        assert loop is not None and loop.local == 0 and loop.count("R2UR") <= 2 * loop.count("HGMMA"), said
+
+
+def test_sass_steady_loop_is_the_smallest_loop_with_wgmma():
+    """bench/sass_loops.py on made-up SASS: a barrier's retry loop (no HGMMA) and an outer loop
+    are passed over for the inner loop with HGMMA; predicates are dropped from its opcodes."""
+    sass = """
+        Function : kernel_a
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R2], R3 ;
+        /*0020*/               @!P0 BRA 0x10 ;
+        /*0030*/                   R2UR UR4, R5 ;
+        /*0040*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
+        /*0050*/                   MUFU.EX2 R6, R6 ;
+        /*0060*/                   LDL R7, [R1+0x8] ;
+        /*0070*/               @P1 BRA 0x30 ;
+        /*0080*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0090*/                   BRA 0x30 ;
+        /*00a0*/                   EXIT ;
+        Function : kernel_b
+        /*0000*/                   EXIT ;
+    """
+    functions = sass_loops.functions(sass)
+    assert list(functions) == ["kernel_a", "kernel_b"]
+    loop = sass_loops.steady_loop(functions["kernel_a"])
+    assert loop.opcodes == ["R2UR", "HGMMA.64x128x16.F32.BF16", "MUFU.EX2", "LDL", "BRA"], loop.opcodes
+    assert (loop.count("HGMMA"), loop.count("R2UR"), loop.local) == (1, 1, 1)
+    assert sass_loops.steady_loop(functions["kernel_b"]) is None
 
 
 def test_forward_trace_harness(tmp_path):
@@ -114,17 +164,10 @@ def test_forward_trace_harness(tmp_path):
     assert re.search(r"consumer 1: [1-9]\d* blocks", read.stdout) and "store" in read.stdout, read.stdout
 
 
-def load_ab_tool():
-    spec = importlib.util.spec_from_file_location("ab_fwd_sm90", ROOT / "bench" / "ab_fwd_sm90.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ab_table_medians_changes_and_hashes():
     """bench/ab_fwd_sm90.py's table: the baseline's median, the others' change against it, a
     differing output hash and a failed run said as such."""
-    ab = load_ab_tool()
+    ab = load_bench_tool("ab_fwd_sm90")
     shape, other, third = "64 512 32 32 0", "128 512 32 16 1", "256 2048 8 8 1"
     results = {(shape, "main"): [(100.0, "a"), (250.0, "a"), (200.0, "a")],
                (shape, "new"): [(210.0, "a"), (220.0, "a"), (900.0, "a")],
