@@ -1,7 +1,8 @@
 """A/B of Hopper forward sources in the trace harness (bench/trace_fwd_sm90.cu built untraced,
 -DNO_TRACE, no torch). Each variant is a csrc directory; the variants take turns at every
 shape, and the table gives each one's median TFLOP/s, its change against the first variant,
-and whether it printed the first's output hash (O and the LSE, bit for bit).
+and whether it printed the first's output hash (O and the LSE, bit for bit); where it did
+not, the largest difference from the first's O and LSE of the first (batch, head).
 
   python3 bench/ab_fwd_sm90.py build DIR main=csrc new=/tmp/new/csrc   # wherever nvcc is
   python3 bench/ab_fwd_sm90.py run DIR [--reps 3] [--shape "D N BATCH HEADS CAUSAL" ...]
@@ -58,24 +59,58 @@ def build(out, variants):
         print("\n".join(sass_loops.table([out / name for name, _ in variants])))
 
 
+def read_sample(path, shape):
+    """The harness's O (as float32) and LSE of the first (batch, head), or None."""
+    import numpy as np  # noqa: PLC0415 (only where the harness runs)
+
+    d, n = (int(x) for x in shape.split()[:2])
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return None
+    if len(raw) != n * d * 2 + n * 4:
+        return None
+    o = (np.frombuffer(raw[:n * d * 2], dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)  # bf16
+    return o, np.frombuffer(raw[n * d * 2:], dtype=np.float32)
+
+
 def run_once(exe, shape):
-    """(TFLOP/s, hash) of one run, or (None, why)."""
+    """(TFLOP/s, hash, sample) of one run, or (None, why, None)."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            done = subprocess.run([str(exe), *shape.split(), f"{tmp}/trace.bin"], capture_output=True, text=True,
+            done = subprocess.run([str(exe), *shape.split(), f"{tmp}/out.bin"], capture_output=True, text=True,
                                   timeout=60)
         except subprocess.TimeoutExpired:
-            return None, "timed out"
-    found = RESULT.search(done.stdout)
-    if done.returncode or not found:
-        lines = (done.stdout + done.stderr).strip().splitlines()
-        return None, lines[-1] if lines else f"exit {done.returncode}"
-    return float(found.group(1)), found.group(2)
+            return None, "timed out", None
+        found = RESULT.search(done.stdout)
+        if done.returncode or not found:
+            lines = (done.stdout + done.stderr).strip().splitlines()
+            return None, lines[-1] if lines else f"exit {done.returncode}", None
+        return float(found.group(1)), found.group(2), read_sample(f"{tmp}/out.bin", shape)
 
 
-def summarise(results, names, shapes):
+def difference(sample, base):
+    """", max |dO| x, |dLSE| y" between two samples: equal values (-inf LSEs too) differ by 0, an
+    infinity against a number by inf, and a NaN in either makes it nan."""
+    import numpy as np  # noqa: PLC0415
+
+    if sample is None or base is None:
+        return ""
+    gaps = []
+    for a, b in zip(sample, base):
+        if np.isnan(a).any() or np.isnan(b).any():
+            gaps.append(float("nan"))
+        else:
+            with np.errstate(invalid="ignore"):  # -inf - -inf, taken as 0 by the where
+                gaps.append(float(np.where(a == b, 0.0, np.abs(a.astype(np.float64) - b)).max()))
+    return f", max |dO| {gaps[0]:.1e}, |dLSE| {gaps[1]:.1e}"
+
+
+def summarise(results, names, shapes, samples=None):
     """Markdown rows: per shape, the first variant's median TFLOP/s, then each other's with its
-    change against the first; "hash differs" where a variant's output was not the first's."""
+    change against the first; "hash differs" where a variant's output was not the first's, with
+    the largest differences of its sample from the first's where `samples` has both."""
+    samples = samples or {}
     rows = ["| d N batch heads causal | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for shape in shapes:
         cells, base, base_hashes = [], None, None
@@ -93,7 +128,9 @@ def summarise(results, names, shapes):
                 cells.append(f"{median:.0f}")
             else:
                 cell = f"{median:.0f} ({100 * (median / base - 1):+.1f}%)"
-                cells.append(cell + ("" if hashes == base_hashes else ", hash differs"))
+                if hashes != base_hashes:
+                    cell += ", hash differs" + difference(samples.get((shape, name)), samples.get((shape, names[0])))
+                cells.append(cell)
         rows.append(f"| {shape} | " + " | ".join(cells) + " |")
     return rows
 
@@ -116,12 +153,14 @@ def main():
         return build(args.dir, variants)
     names = (args.dir / "variants").read_text().split()
     shapes = args.shape or SHAPES
-    results = {}
+    results, samples = {}, {}
     for shape in shapes:
         for _ in range(args.reps):
             for name in names:
-                results.setdefault((shape, name), []).append(run_once(args.dir / name, shape))
-    print("\n".join(summarise(results, names, shapes)))
+                tflops, said, sample = run_once(args.dir / name, shape)
+                results.setdefault((shape, name), []).append((tflops, said))
+                samples.setdefault((shape, name), sample)
+    print("\n".join(summarise(results, names, shapes, samples)))
 
 
 if __name__ == "__main__":

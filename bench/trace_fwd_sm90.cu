@@ -7,9 +7,11 @@
 //   ./trace HEAD_DIM SEQLEN BATCH HEADS CAUSAL OUT.bin
 //
 // bf16, no window, the overlapped kernel (the library's default; the trace points are on
-// its path only); -DNO_TRACE times the kernel as the library builds it (and writes no
-// trace). It prints the time and a hash of O and the LSE: two builds that compute the
-// same numbers print the same hash (an A/B of kernel changes checks them bit for bit).
+// its path only); -DNO_TRACE times the kernel as the library builds it, and writes to
+// OUT.bin, instead of a trace, O and the LSE of the first (batch, head): N x D bf16, then
+// N floats. It prints the time and a hash of all of O and the LSE: two builds that
+// compute the same numbers print the same hash (an A/B of kernel changes checks them bit
+// for bit, or compares the samples where they differ).
 // Events: consumers 1 block start (its Q has landed), 2 turn taken (S or S + P V issued
 // next), 3 S landed, 4 softmax done, 5 P V done, 6 turn taken for the last P V, 7 O
 // stored (at head dim <= 128: its TMA store issued); producer 10 block taken, 11 K load
@@ -126,12 +128,21 @@ int main(int argc, char** argv) {
     unsigned long long hash = 14695981039346656037ull;  // FNV-1a
     for (unsigned char b : bytes) hash = (hash ^ b) * 1099511628211ull;
     std::printf("output hash %016llx\n", hash);
-    if (!kTraced) return 0;
+    FILE* f = std::fopen(argv[6], "wb");
+    if (f == nullptr) {
+        std::fprintf(stderr, "cannot write %s\n", argv[6]);
+        return 1;
+    }
+    if (!kTraced) {
+        std::fwrite(bytes.data(), 2, static_cast<size_t>(n) * d, f);          // O of batch 0, head 0
+        std::fwrite(bytes.data() + elems * 2, 4, static_cast<size_t>(n), f);  // and its LSE
+        std::fclose(f);
+        return 0;
+    }
     check_cuda(cudaMemset(trace, 0, trace_words * 8), "cudaMemset");
     go(1);  // the traced launch
     std::vector<unsigned long long> out(trace_words);
     check_cuda(cudaMemcpy(out.data(), trace, trace_words * 8, cudaMemcpyDeviceToHost), "cudaMemcpy");
-    FILE* f = std::fopen(argv[6], "wb");
     const int header[4] = {sms, 4, kTraceCap, 0};
     std::fwrite(header, sizeof(header), 1, f);
     std::fwrite(out.data(), 8, out.size(), f);

@@ -180,6 +180,31 @@ def test_ab_table_medians_changes_and_hashes():
     assert rows[4] == "| 256 2048 8 8 1 | failed: exit 1 | 300 | 300 |", rows
 
 
+def test_ab_table_says_how_far_a_differing_output_is(tmp_path):
+    """Where a variant's hash differs, the table gives the largest difference of its O and LSE
+    sample (the harness's file, bf16 then float32) from the baseline's; NaN is said as such."""
+    np = pytest.importorskip("numpy")
+    ab = load_bench_tool("ab_fwd_sm90")
+    shape = "64 2 1 1 0"  # D = 64, N = 2: a sample of 2 x 64 bf16 and 2 floats
+
+    def sample_file(name, o, lse):
+        path = tmp_path / name
+        bf16 = (np.asarray(o, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        path.write_bytes(bf16.tobytes() + np.asarray(lse, dtype=np.float32).tobytes())
+        return ab.read_sample(path, shape)
+
+    ones = np.ones(128, dtype=np.float32)
+    base = sample_file("base", ones, [-np.inf, 2.0])  # a row that sees no key: LSE -inf in both
+    off = sample_file("off", np.where(np.arange(128) == 5, 1.5, 1.0), [-np.inf, 2.25])
+    nan = sample_file("nan", np.where(np.arange(128) == 7, np.nan, 1.0), [-np.inf, 2.0])
+    assert ab.read_sample(tmp_path / "base", "64 3 1 1 0") is None  # a file of another size
+    results = {(shape, "main"): [(100.0, "a")], (shape, "off"): [(100.0, "b")], (shape, "nan"): [(100.0, "c")]}
+    samples = {(shape, "main"): base, (shape, "off"): off, (shape, "nan"): nan}
+    row = ab.summarise(results, ["main", "off", "nan"], [shape], samples)[2]
+    assert row == ("| 64 2 1 1 0 | 100 | 100 (+0.0%), hash differs, max |dO| 5.0e-01, |dLSE| 2.5e-01 | "
+                   "100 (+0.0%), hash differs, max |dO| nan, |dLSE| 0.0e+00 |"), row
+
+
 @pytest.mark.skipif(not HOPPER, reason="needs a GPU of compute capability 9.0")
 def test_ab_tool_builds_and_runs(tmp_path):
     """The A/B tool end to end on one shape: two builds of the same source print the same hash."""
