@@ -70,10 +70,11 @@ def steady_loop(function_sass):
     position = {address: i for i, (address, _) in enumerate(instructions)}
     best = None
     for i, (address, text) in enumerate(instructions):
-        target = BACKWARD_TARGET.search(text)
-        if not target or int(target.group(1), 16) >= address or int(target.group(1), 16) not in position:
+        found = BACKWARD_TARGET.search(text)
+        target = int(found.group(1), 16) if found else None
+        if target is None or target >= address or target not in position:
             continue
-        body = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for _, t in instructions[position[int(target.group(1), 16)]:i + 1]]
+        body = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for _, t in instructions[position[target]:i + 1]]
         if any(op.startswith("HGMMA") for op in body) and (best is None or len(body) < len(best.opcodes)):
             best = Loop(body)
     return best
