@@ -10,8 +10,8 @@
 // each on its own "empty" mbarrier, once their products have read it, and Q's
 // buffer once their last S = Q Kᵀ of the block is done. So the next block's Q and
 // first K and V load while the consumers finish the last block, whose O they
-// store by TMA from a buffer of its own (from registers at head dim 256, where
-// the buffer does not fit). Each consumer
+// store by TMA from a buffer of its own (at head dim 256, where none fits, from
+// the block's last K and V stage, which they free after the store). Each consumer
 // warpgroup (64 query rows, many registers) computes S = Q Kᵀ and O += P V with
 // wgmma and the online softmax in registers. With kOverlap, a consumer issues
 // the next tile's S = Q Kᵀ and the last tile's O += P V together and runs the
@@ -62,13 +62,25 @@ struct FwdTileSm90 {
     static constexpr int kBoxes = kHeadDim / kBoxCols;
     static constexpr int kQBytes = kBlockM * kHeadDim * 2;
     static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
+    // kSumByMma: the softmax's row sums l come out of O += P V, as 8 more columns of O whose
+    // B is all ones (N = kHeadDim + 8), so the softmax adds up no P itself. Each V stage is
+    // followed by a block of ones laid out as one more column box (kBlockN rows of 128
+    // bytes: the wgmma reads its first 8 columns wherever the swizzle puts them).
+    static constexpr bool kSumByMma = kHeadDim <= 128;
+    static constexpr int kPVN = kHeadDim + (kSumByMma ? 8 : 0);  // the N of O += P V
+    static constexpr int kOnesBytes = kSumByMma ? kBlockN * 128 : 0;
+    static constexpr int kVStageBytes = kKVBytes + kOnesBytes;
     static constexpr int kBarriers = 2 + 4 * kStages;         // Q full and empty; K and V full and empty per stage
     // 1024 bytes of slack to align the tiles to the swizzle's 1024-byte period; Q and the
     // K and V stages; the barriers, then the scheduler's answer (an int).
-    static constexpr int kBaseBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 8;
-    // O staged in shared memory (kQBytes, laid out as Q) and stored by TMA where it fits.
+    static constexpr int kBaseBytes = 1024 + kQBytes + kStages * (kKVBytes + kVStageBytes) + 8 * kBarriers + 8;
+    // O is staged in shared memory (laid out as Q) and stored by TMA: in a buffer of its own
+    // where one fits beside the tiles; otherwise (head dim 256), with two consumers, in the
+    // block's last key tile's stage: consumer 0's rows in its K, consumer 1's in its V.
     static constexpr bool kStageO = kBaseBytes + kQBytes <= kMaxSmemBytes;
+    static constexpr bool kStageOInKV = !kStageO && kConsumers == 2 && kWarpgroupRows * kHeadDim * 2 <= kKVBytes;
     static constexpr int kSmemBytes = kBaseBytes + (kStageO ? kQBytes : 0);
+    static_assert(kStageO || kStageOInKV, "O's staging: a buffer of its own or the last K and V stage");
     // Register budgets per thread after setmaxnreg (multiples of 8, at most 240). The block
     // owns what it was launched with, kThreads x the launch-bound count (168 for 384 threads):
     // setmaxnreg.inc takes only registers the producer's .dec gave back, and waits forever
@@ -133,25 +145,6 @@ int64_t score_area(const FwdParams& p) {
     return tiles * Tile::kBlockM * Tile::kBlockN;
 }
 
-// The four lanes of each quad (lanes 4g .. 4g + 3) hold word q of four 16-byte chunks
-// in a[0..3] (lane q, chunk i); afterwards lane q holds chunk q whole: a[i] = what lane i
-// held as a[q]. A 4 x 4 transpose in two butterflies, swapping bit 0 of the lane with bit
-// 0 of the index, then bit 1.
-__device__ __forceinline__ void transpose_quad(uint32_t (&a)[4], int q) {
-#pragma unroll
-    for (int bit = 1; bit <= 2; bit *= 2) {
-        const bool high = q & bit;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            if (i & bit) continue;
-            // The pair (i, i + bit): keep the word whose index bit matches the lane's, trade the other.
-            const uint32_t got = __shfl_xor_sync(0xffffffff, high ? a[i] : a[i + bit], bit);
-            if (high) a[i] = got;
-            else a[i + bit] = got;
-        }
-    }
-}
-
 // kBand: a sliding window (p.window_left, p.window_right; causal is a band kernel with
 // kCausal false then), as in the sm_80 kernel. kSoftcap (band kernels only): the
 // scores are soft-capped before the softmax. kOverlap: the softmax of tile j runs
@@ -177,8 +170,8 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     extern __shared__ unsigned char smem_raw[];
     const uint32_t q_smem = (smem_addr(smem_raw) + 1023) & ~1023u;   // [kBoxes][kBlockM][64]
     const uint32_t k_smem = q_smem + Tile::kQBytes;                    // [kStages][kBoxes][kBlockN][64]
-    const uint32_t v_smem = k_smem + kStages * Tile::kKVBytes;         // [kStages][kBoxes][kBlockN][64]
-    const uint32_t o_smem = v_smem + kStages * Tile::kKVBytes;         // [kBoxes][kBlockM][64] if kStageO
+    const uint32_t v_smem = k_smem + kStages * Tile::kKVBytes;         // [kStages][kBoxes (+ ones)][kBlockN][64]
+    const uint32_t o_smem = v_smem + kStages * Tile::kVStageBytes;     // [kBoxes][kBlockM][64] if kStageO
     const uint32_t barriers = o_smem + (Tile::kStageO ? Tile::kQBytes : 0);
     const uint32_t q_full = barriers, q_empty = barriers + 8;
     auto k_full = [&](int stage) { return barriers + 8 * (2 + stage); };
@@ -222,6 +215,14 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
         }
         fence_mbarrier_init();
     }
+    if constexpr (Tile::kSumByMma) {
+        // The ones after each V stage, for the async proxy (wgmma) to read.
+        const uint32_t one2 = std::is_same_v<T, __nv_bfloat16> ? 0x3F803F80u : 0x3C003C00u;  // two 1.0s
+        for (int stage = 0; stage < kStages; ++stage)
+            for (int i = threadIdx.x; i < Tile::kOnesBytes / 4; i += Tile::kThreads)
+                st_shared_u32(v_smem + stage * Tile::kVStageBytes + Tile::kKVBytes + 4 * i, one2);
+        fence_proxy_async_shared();
+    }
     __syncthreads();
 
     // ---- Producer: per block, Q, then the key tiles from the last, each into the next free stage.
@@ -261,10 +262,11 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 // The block's first K tile loads while the consumers finish the last block.
                 for (int it = 0; it < n_tiles; ++it) {
                     const int tile = w.end - 1 - it;
-                    const uint32_t offset = stage * Tile::kKVBytes;
-                    load_kv(&k_map, k_full(stage), k_empty(stage), k_smem + offset, tile, head_kv, w.batch);
+                    load_kv(&k_map, k_full(stage), k_empty(stage), k_smem + stage * Tile::kKVBytes, tile, head_kv,
+                            w.batch);
                     if (it == 0) start_block(round, index, w);
-                    load_kv(&v_map, v_full(stage), v_empty(stage), v_smem + offset, tile, head_kv, w.batch);
+                    load_kv(&v_map, v_full(stage), v_empty(stage), v_smem + stage * Tile::kVStageBytes, tile, head_kv,
+                            w.batch);
                     // Round r of a stage waits for the consumers' release of round r - 1 (none before round 0).
                     if (++stage == kStages) stage = 0, released ^= 1;
                 }
@@ -294,15 +296,15 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                                1024);
     };
     auto v_desc = [&](int stage, int s) {
-        return smem_desc_sw128(v_smem + stage * Tile::kKVBytes + s * 16 * kSwizzleRow, kBlockN * kSwizzleRow, 1024);
+        return smem_desc_sw128(v_smem + stage * Tile::kVStageBytes + s * 16 * kSwizzleRow, kBlockN * kSwizzleRow, 1024);
     };
 
     // Accumulator element 4j + i of a thread: row row0 + 8·(i / 2), column 8j + col0 + i % 2.
     using Scores = float[kBlockN / 2];          // S, then P (float): 64 x kBlockN per warpgroup
     using Probs = uint32_t[kPSteps][4];         // P as wgmma A fragments, two elements per register
-    float o_acc[kHeadDim / 2];                  // O: 64 x kHeadDim per warpgroup
+    float o_acc[Tile::kPVN / 2];                // O: 64 x kHeadDim per warpgroup (then l, kSumByMma)
     float row_max[2];                           // m, of the raw scores Q Kᵀ
-    float row_sum[2];                           // l, this thread's partial sums
+    float row_sum[2];                           // l, this thread's partial sums (unless kSumByMma)
 
     // S = Q Kᵀ, issued (one commit group).
     auto issue_qk = [&](Scores& s, int stage) {
@@ -316,7 +318,8 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     auto issue_pv = [&](const Probs& pf, int stage) {
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < kPSteps; ++ks) Wgmma<kHeadDim, T>::template rs<true>(o_acc, pf[ks], v_desc(stage, ks), 1);
+        for (int ks = 0; ks < kPSteps; ++ks)
+            Wgmma<Tile::kPVN, T>::template rs<true>(o_acc, pf[ks], v_desc(stage, ks), 1);
         wgmma_commit();
     };
     // Every warp of the consumers arrives once its products are done with a stage's K or V.
@@ -332,6 +335,8 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     auto wait_turn = [&] { named_barrier_sync(kTurn + consumer, 256); };
     // Named barrier kTurn + kConsumers + c: the 128 threads of consumer c, around O's staging.
     auto sync_consumer = [&] { named_barrier_sync(kTurn + kConsumers + consumer, 128); };
+    // Named barrier kStaging (O staged in the last K and V stage), of both consumers.
+    constexpr int kStaging = kTurn + 2 * kConsumers;
     const bool o_issuer = threadIdx.x % 128 == 0;  // the consumer's thread that stores O by TMA
     auto pass_turn = [&] { named_barrier_arrive(kTurn + next, 256); };
 
@@ -380,15 +385,15 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                     float& x = s[4 * j + 2 * r + c];
                     x = exp2_approx(fmaf(x, p.scale_log2, -m_scaled));
                 }
-                part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+                if constexpr (!Tile::kSumByMma) part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
             }
-            row_sum[r] = alpha[r] * row_sum[r] + tree_reduce(part, SumOp{});
+            if constexpr (!Tile::kSumByMma) row_sum[r] = alpha[r] * row_sum[r] + tree_reduce(part, SumOp{});
         }
     };
     // O = α·O
     auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
-        for (int i = 0; i < kHeadDim / 2; ++i) o_acc[i] *= alpha[(i % 4) / 2];
+        for (int i = 0; i < Tile::kPVN / 2; ++i) o_acc[i] *= alpha[(i % 4) / 2];
     };
     // P as A fragments: k-step ks takes S column tiles 2ks and 2ks + 1 (rows g, g + 8 of each).
     auto to_fragments = [&](const Scores& s, Probs& pf) {
@@ -401,6 +406,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
     // One block's rows: O and the softmax statistics over its key tiles, whose K and V
     // tiles are the ring's loads `ring` on.
     auto attend = [&](const Work& w, int ring) {
+        if constexpr (Tile::kStageOInKV) ring = __shfl_sync(0xffffffff, ring, 0);  // see `index` below
         auto stage_of = [&](int it) { return (ring + it) % kStages; };
         auto phase_of = [&](int it) { return ((ring + it) / kStages) & 1; };
         auto tile_of = [&](int it) { return w.end - 1 - it; };
@@ -418,8 +424,10 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
             }
         };
         // S = Q Kᵀ of tile it is done: its K stage is free, and after the last tile Q's buffer.
+        // Where O is staged in the last tile's K and V stage, the store frees that stage.
+        constexpr bool keep_last = Tile::kStageOInKV;
         auto release_k = [&](int it) {
-            release(k_empty(stage_of(it)));
+            if (!(keep_last && it == w.n_tiles - 1)) release(k_empty(stage_of(it)));
             if (it == w.n_tiles - 1) mbarrier_arrive(q_empty);
         };
         if (w.n_tiles == 0) mbarrier_arrive(q_empty);  // no S = Q Kᵀ: Q's buffer is free now
@@ -442,7 +450,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 issue_pv(pf, stage);
                 wgmma_wait<0>();
                 fence_operands(o_acc);
-                release(v_empty(stage));
+                if (!(keep_last && it == w.n_tiles - 1)) release(v_empty(stage));
             };
             visit(0, step);
         } else if (w.n_tiles > 0) {
@@ -503,27 +511,28 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
             wgmma_wait<0>();
             fence_operands(o_acc);
             FWD_SM90_TRACE(5);
-            release(v_empty(last));
+            if (!keep_last) release(v_empty(last));
         }
     };
 
-    // O = O / l;  LSE = scale·m + ln l, the natural log of Σ exp(scale·S). Both stores
-    // below write the LSE the same way, each inside its own loop: shared as one helper,
-    // the head-dim-256 kernel came out 4.5% slower at 512 (bench/PERFORMANCE.md, H8).
-    // Where O's buffer fits beside the tiles (kStageO, head dim <= 128), O goes through it:
-    // each thread writes its words there, laid out as Q's (the 128-byte swizzle: 16-byte
-    // chunk c of row r at c ^ (r % 8)), and one thread per consumer stores the consumer's 64
-    // rows by TMA (rows past the end are not written). The consumer goes on without waiting
-    // for the store; before the buffer is written again, the issuing thread waits until the
-    // last block's store has read it.
-    auto store_staged = [&](const Work& w) {
-        if (o_issuer) bulk_wait_group_read<0>();
-        sync_consumer();
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
+    // l of row row0 + 8r: the ones columns of O (kSumByMma), or the quad's partial sums added.
+    auto row_total = [&](int r) {
+        if constexpr (Tile::kSumByMma) {
+            return o_acc[4 * (kHeadDim / 8) + 2 * r];
+        } else {
             float l = row_sum[r];
             l += __shfl_xor_sync(0xffffffff, l, 1);
-            l += __shfl_xor_sync(0xffffffff, l, 2);
+            return l + __shfl_xor_sync(0xffffffff, l, 2);
+        }
+    };
+    // O = O / l;  LSE = scale·m + ln l, the natural log of Σ exp(scale·S). O goes through
+    // shared memory: each thread writes its words into column box b at o_box(b), laid out
+    // as Q's (the 128-byte swizzle: 16-byte chunk c of row r at c ^ (r % 8)), and one thread
+    // per consumer stores the consumer's 64 rows by TMA (rows past the end are not written).
+    auto store_staged = [&](const Work& w, auto o_box) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float l = row_total(r);
             const float inv_sum = l > 0.f ? 1.f / l : 0.f;
             const int row = row0 + 8 * r;
             if (row < p.seqlen_q && lane % 4 == 0) {
@@ -534,7 +543,7 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
 #pragma unroll
             for (int j = 0; j < kHeadDim / 8; ++j) {
                 const uint32_t chunk = (j % 8) ^ (block_row % 8);
-                st_shared_u32(o_smem + ((j / 8) * kBlockM + block_row) * kSwizzleRow + chunk * 16 + (lane % 4) * 4,
+                st_shared_u32(o_box(j / 8) + block_row * kSwizzleRow + chunk * 16 + (lane % 4) * 4,
                               pack2<T>(o_acc[4 * j + 2 * r] * inv_sum, o_acc[4 * j + 2 * r + 1] * inv_sum));
             }
         }
@@ -542,67 +551,78 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
         sync_consumer();
         if (o_issuer) {
             for (int box = 0; box < Tile::kBoxes; ++box)
-                tma_store_4d(&o_map, o_smem + (box * kBlockM + wg_row0) * kSwizzleRow, box * Tile::kBoxCols,
-                             w.m0 + wg_row0, w.head, w.batch);
+                tma_store_4d(&o_map, o_box(box) + wg_row0 * kSwizzleRow, box * Tile::kBoxCols, w.m0 + wg_row0,
+                             w.head, w.batch);
             bulk_commit_group();
         }
     };
-    // Otherwise (head dim 256) O goes from registers to global memory. A thread holds 2 of
-    // every 8 columns of its rows; the four lanes of a row trade them (transpose_quad) so
-    // that each stores 8 contiguous columns, 16 bytes, and the quad 64: a quarter of the
-    // store instructions and memory requests of 4-byte stores. The binding's O is 16-byte
-    // aligned: empty_like(q), so q's strides, which TMA took (multiples of 16 bytes), or
-    // contiguous.
-    auto store_direct = [&](const Work& w) {
+    // A block with no key tiles (causal, more queries than keys): O = 0 and LSE = -inf,
+    // written directly (16 bytes a store; the binding's O is 16-byte aligned: empty_like(q),
+    // so q's strides, which TMA took, or contiguous).
+    auto store_empty = [&](const Work& w) {
         T* o = static_cast<T*>(p.o) + w.batch * p.o_batch_stride + w.head * p.o_head_stride;
-        const int quad_lane = lane % 4;
-#pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float l = row_sum[r];
-            l += __shfl_xor_sync(0xffffffff, l, 1);
-            l += __shfl_xor_sync(0xffffffff, l, 2);
-            const float inv_sum = l > 0.f ? 1.f / l : 0.f;
             const int row = row0 + 8 * r;
-            const bool in_range = row < p.seqlen_q;  // the whole quad's row: all four lanes trade
-            if (in_range && quad_lane == 0) {
-                p.lse[(static_cast<int64_t>(w.batch) * p.heads_q + w.head) * p.seqlen_q + row] =
-                    l > 0.f ? row_max[r] * p.scale + logf(l) : -INFINITY;
-            }
-            T* o_row = o + row * p.o_row_stride;
-#pragma unroll
-            for (int k = 0; k < kHeadDim / 32; ++k) {
-                uint32_t words[4];  // columns col0, col0 + 1 of the 8-column chunks 4k .. 4k + 3
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int j = 4 * k + i;
-                    words[i] = pack2<T>(o_acc[4 * j + 2 * r] * inv_sum, o_acc[4 * j + 2 * r + 1] * inv_sum);
-                }
-                transpose_quad(words, quad_lane);  // now chunk 4k + quad_lane, all 8 columns
-                if (in_range)
-                    *reinterpret_cast<uint4*>(o_row + 8 * (4 * k + quad_lane)) =
-                        make_uint4(words[0], words[1], words[2], words[3]);
-            }
+            if (row >= p.seqlen_q) continue;
+            if (lane % 4 == 0) p.lse[(static_cast<int64_t>(w.batch) * p.heads_q + w.head) * p.seqlen_q + row] = -INFINITY;
+            for (int chunk = lane % 4; chunk < kHeadDim / 8; chunk += 4)
+                *reinterpret_cast<uint4*>(o + row * p.o_row_stride + 8 * chunk) = make_uint4(0, 0, 0, 0);
         }
     };
-    auto store = [&](const Work& w) {
-        if constexpr (Tile::kStageO) store_staged(w);
-        else store_direct(w);
+    // In O's own buffer (kStageO), the consumer goes on without waiting for the store; before
+    // the buffer is written again, the issuing thread waits until the last block's store has
+    // read it. In the last K and V stage (kStageOInKV), each consumer its half once the other
+    // consumer's products are done with it: overlapped, consumer 0 writes K's once every
+    // consumer's last S = Q Kᵀ is done (Q's empty barrier completes its phase) and tells
+    // consumer 1 its own products are done (kStaging), without waiting; the turns keep it from
+    // arriving there again before consumer 1 has waited (its next block's last O += P V
+    // waits for consumer 1's turn in that block). Without the overlap both wait for both.
+    // The issuing thread frees its half for the producer (every warp's arrival) once the
+    // store has read it. A block with no key tiles has no such stage.
+    auto store = [&](const Work& w, int ring, int round) {
+        if constexpr (Tile::kStageO) {
+            if (o_issuer) bulk_wait_group_read<0>();
+            sync_consumer();
+            store_staged(w, [&](int box) { return o_smem + box * kBlockM * kSwizzleRow; });
+        } else {
+            if (w.n_tiles == 0) return store_empty(w);
+            const int last = (ring + w.n_tiles - 1) % kStages;
+            if (kOverlap && consumer == 0) {
+                named_barrier_arrive(kStaging, 256);
+                mbarrier_wait(q_empty, round & 1);
+            } else {
+                named_barrier_sync(kStaging, 256);
+            }
+            // The consumer's 64 rows of box b at half + b x 64 rows; o_box is where row 0 of the
+            // block would be, so that row wg_row0 + i lands at row i.
+            const uint32_t half = consumer == 0 ? k_smem + last * Tile::kKVBytes : v_smem + last * Tile::kVStageBytes;
+            store_staged(w, [&](int box) { return half + (box * Tile::kWarpgroupRows - wg_row0) * kSwizzleRow; });
+            if (o_issuer) {
+                bulk_wait_group_read<0>();
+                mbarrier_arrive(consumer == 0 ? k_empty(last) : v_empty(last), Tile::kConsumerWarps);
+            }
+        }
     };
 
     if (kOverlap && consumer + 1 == kConsumers) pass_turn();
     int ring = 0;  // K and V tiles consumed so far
     for (int round = 0;; ++round) {
         mbarrier_wait(q_full, round & 1);
-        const int index = static_cast<int>(ld_shared_u32(taken));
+        int index = static_cast<int>(ld_shared_u32(taken));
+        // The same in every lane: said so (a broadcast, and of `ring` in attend), ptxas keeps the
+        // steady loop's stage and phase arithmetic in uniform registers at head dim 256, where
+        // the code after the loop otherwise tips it into ordinary ones (R2UR before every
+        // wgmma) or spills a value in the loop (bench/sass_loops.py, tests/test_sm90.py).
+        if constexpr (Tile::kStageOInKV) index = __shfl_sync(0xffffffff, index, 0);
         if (index >= n_blocks) break;
         FWD_SM90_TRACE(1);
         const Work w = work_of(index);
         row0 = w.m0 + wg_row0 + warp * 16 + lane / 4;
 #pragma unroll
-        for (int i = 0; i < kHeadDim / 2; ++i) o_acc[i] = 0.f;
+        for (int i = 0; i < Tile::kPVN / 2; ++i) o_acc[i] = 0.f;
         for (int r = 0; r < 2; ++r) row_max[r] = -INFINITY, row_sum[r] = 0.f;
         attend(w, ring);
-        store(w);
+        store(w, ring, round);
         FWD_SM90_TRACE(7);
         ring += w.n_tiles;
     }

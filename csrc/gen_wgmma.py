@@ -8,7 +8,7 @@ accumulators one by one, which inline asm cannot do for a template N: hence a ge
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "ptx_sm90_wgmma.inc"
-NS = (16, 32, 64, 80, 96, 128, 160, 192, 224, 256)
+NS = (16, 32, 64, 72, 80, 96, 128, 136, 160, 192, 224, 256)  # 72, 136: O += P V with the row sums (fwd_sm90.cuh)
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
 
 

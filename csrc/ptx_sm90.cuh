@@ -32,6 +32,11 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
+// Arrive `count` times at once (one thread standing for several warps).
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
 // Block until the phase with this parity has completed (try_wait suspends the
 // thread for a while in hardware before each retry).
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
