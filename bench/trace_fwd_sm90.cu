@@ -39,9 +39,9 @@ constexpr bool kTraced = true;
 
 using namespace flash;
 
-// Q, K and V uniform in [-1, 1): element i of tensor `seed` from an integer hash of both,
-// made on the GPU (a host loop over the 100M elements of a bench shape took longer than the
-// timed launches).
+// Q, K, V (and O, before the kernel writes it) uniform in [-1, 1): element i of tensor
+// `seed` from an integer hash of both, made on the GPU (a host loop over the 100M elements
+// of a bench shape took longer than the timed launches).
 __global__ void fill_uniform(__nv_bfloat16* x, size_t n, uint32_t seed) {
     for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
          i += static_cast<size_t>(gridDim.x) * blockDim.x) {
