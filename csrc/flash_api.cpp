@@ -12,7 +12,11 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <string>
+#include <thread>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -144,6 +148,34 @@ bool is_hopper(const at::Device& device) {
 bool use_sm90(const at::Tensor& q, const at::Tensor& k, int kernel_head_dim) {
     return kBuiltSm90 && !g_force_sm80 && flash::smem_cap_for_testing == 0 && flash::is_sm90_head_dim(kernel_head_dim)
            && q.size(3) == kernel_head_dim && k.size(2) > 0 && is_hopper(q.device());
+}
+
+// The Hopper forward's block counter for a launch on `stream` (FwdParams::block_counter):
+// zero when the kernel starts, and zero again when it ends, so the launches of one stream,
+// which run one after another, share one and no call needs a memset first (a 4-byte memset
+// and the gap after it take a few microseconds of the GPU's time). Kept for the life of the
+// process, one per (device, stream; and host thread, for the per-thread default stream,
+// one handle for every thread's own stream). A stream capturing a CUDA graph gets a counter
+// of its own for the call, in `graph_counter`, with a memset the graph replays: a replay
+// may run beside anything, even beside the capturing stream's later work.
+int* sm90_block_counter(const at::Tensor& q, cudaStream_t stream, at::Tensor& graph_counter) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) {
+        graph_counter = at::empty({1}, q.options().dtype(at::kInt));
+        C10_CUDA_CHECK(cudaMemsetAsync(graph_counter.data_ptr<int>(), 0, sizeof(int), stream));
+        return graph_counter.data_ptr<int>();
+    }
+    using Key = std::tuple<int, cudaStream_t, std::thread::id>;
+    const Key key{q.device().index(), stream,
+                  stream == cudaStreamPerThread ? std::this_thread::get_id() : std::thread::id{}};
+    static std::mutex mutex;
+    static auto* counters = new std::map<Key, at::Tensor>();  // never destroyed: no CUDA call at exit
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto found = counters->find(key);
+    if (found == counters->end())  // zeroed on `stream`, before the launch that follows
+        found = counters->emplace(key, at::zeros({1}, q.options().dtype(at::kInt))).first;
+    return found->second.data_ptr<int>();
 }
 
 struct FwdLaunch {
@@ -296,12 +328,8 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
 
     const bool sm90 = use_sm90(q, k, kernel_head_dim);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    at::Tensor block_counter;  // the Hopper forward's scheduler, zeroed by a memset (no fill kernel)
-    if (sm90) {
-        block_counter = at::empty({1}, q.options().dtype(at::kInt));
-        p.block_counter = block_counter.data_ptr<int>();
-        C10_CUDA_CHECK(cudaMemsetAsync(p.block_counter, 0, sizeof(int), stream));
-    }
+    at::Tensor graph_counter;  // while a CUDA graph is captured (sm90_block_counter)
+    if (sm90) p.block_counter = sm90_block_counter(q, stream, graph_counter);
     run_kernels(FwdLaunch{p, variant, sm90, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
     return {o, lse};
 }

@@ -3,7 +3,8 @@
 // One thread block per SM takes query blocks of kBlockM rows of one (batch,
 // head) from a scheduler (an atomic counter over the blocks in launch order:
 // head by head, or longest first within groups of heads when causal; see
-// fwd_block) until none are left. It has 1 + kConsumers warpgroups. The
+// fwd_block; the last take of a launch sets it back to zero) until none are
+// left. It has 1 + kConsumers warpgroups. The
 // producer (warpgroup 0, few registers) takes the next block, loads its Q and
 // its K and V tiles into a ring of kStages shared-memory stages with TMA, each
 // copy completing on a "full" mbarrier; the consumers free a stage's K and its V,
@@ -271,7 +272,12 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                     if (++stage == kStages) stage = 0, released ^= 1;
                 }
                 if (n_tiles == 0) start_block(round, index, w);  // no keys to load, or no block left
-                if (done) break;
+                if (done) {
+                    // Each thread block takes one index past the end, so the last of those is the
+                    // launch's last take: it leaves the counter at zero for the next launch.
+                    if (index == n_blocks + static_cast<int>(gridDim.x) - 1) atomicExch(p.block_counter, 0);
+                    break;
+                }
             }
         }
         return;

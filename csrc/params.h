@@ -45,8 +45,10 @@ struct FwdParams {
     // out the blocks in the same order (fwd_block).
     int causal_head_group;
 
-    // The Hopper forward's block scheduler: a zeroed counter of the query blocks
-    // taken so far (the binding allocates it per call); unused by the sm_80 kernel.
+    // The Hopper forward's block scheduler: a counter of the query blocks taken so
+    // far, zero when the kernel starts; the kernel sets it back to zero when done, so
+    // launches that run one after another can share one (the binding keeps one per
+    // stream). Unused by the sm_80 kernel.
     int* block_counter;
 
     // Band kernels (sliding window, also with causal): query i sees keys

@@ -294,6 +294,57 @@ def test_runs_on_current_stream():
     assert torch.equal(o, flash_ext.attention(q, k, v))
 
 
+@on_hopper_with_sm90
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_forward_is_its_kernel_alone_on_the_gpu(causal):
+    """A Hopper forward call puts its kernel on the GPU and nothing else: no memset of the
+    block counter first (each launch leaves its stream's counter at zero for the next)."""
+    _C.set_poison_outputs(False)  # the NaN fills are GPU work too
+    q, k, v = make_qkv(1, 2, 2, 300, 300, 128, torch.bfloat16, 21)
+    flash_ext.attention(q, k, v, causal=causal)  # the stream's counter, made once
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        flash_ext.attention(q, k, v, causal=causal)
+        torch.cuda.synchronize()
+    on_gpu = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(on_gpu) == 1 and "fwd_kernel_sm90" in on_gpu[0], on_gpu
+
+
+@on_hopper_with_sm90
+def test_sm90_forwards_on_two_streams_at_once_and_beside_a_graph():
+    """Each stream has a block counter of its own, and a captured graph one more, zeroed at
+    each replay: forwards on two streams at once, and a graph replayed on one stream while the
+    stream it was captured on runs forwards, give the answer of a forward run alone (bit for
+    bit; a block skipped or taken twice leaves NaN or a wrong row). The grids (32 and 24 query
+    blocks) fit on the SMs together, so the kernels do run at once."""
+    inputs = [make_qkv(1, 4, 2, 1000, 1000, 128, torch.bfloat16, 22),
+              make_qkv(1, 4, 4, 700, 900, 64, torch.bfloat16, 23)]
+    want = [flash_ext.attention(*x, causal=True) for x in inputs]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    got = [[], []]
+    for _ in range(20):
+        for i, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                got[i].append(flash_ext.attention(*inputs[i], causal=True))
+    torch.cuda.synchronize()
+    for i in range(2):
+        assert all(torch.equal(o, want[i]) for o in got[i]), i
+
+    capture = streams[0]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=capture):
+        out = flash_ext.attention(*inputs[0], causal=True)
+    eager = []
+    for _ in range(20):
+        graph.replay()  # on the current stream
+        with torch.cuda.stream(capture):
+            eager.append(flash_ext.attention(*inputs[0], causal=True))
+    torch.cuda.synchronize()
+    assert torch.equal(out, want[0])
+    assert all(torch.equal(o, want[0]) for o in eager)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_gpu():
     q, k, v = (t.to("cuda:1") for t in make_qkv(1, 2, 2, 129, 129, 64, torch.bfloat16, 19))
