@@ -320,12 +320,25 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
             Wgmma<kBlockN, T>::template ss<false>(s, q_desc(ks), k_desc(stage, ks), ks > 0);
         wgmma_commit();
     };
-    // O += P V, issued (one commit group).
+    // kCutTail: the O += P V of a ragged tail (tile 0, masked) skips the k-steps wholly past
+    // the sequence's end, whose P is 0. Only at head dim 256 without a mask: ptxas makes each
+    // k-step that may be skipped a branch around its wgmma, with a fence before it, and in
+    // the kernels at head dims 64 and 128 and the causal ones that serialised every wgmma of
+    // the kernel (bench/PERFORMANCE.md, H15).
+    constexpr bool kCutTail = kHeadDim == 256 && !kCausal && !kBand;
+    // O += P V, issued (one commit group); _cut: over the tile's first 16·steps keys only.
     auto issue_pv = [&](const Probs& pf, int stage) {
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kPSteps; ++ks)
             Wgmma<Tile::kPVN, T>::template rs<true>(o_acc, pf[ks], v_desc(stage, ks), 1);
+        wgmma_commit();
+    };
+    auto issue_pv_cut = [&](const Probs& pf, int stage, int steps) {
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kPSteps; ++ks)
+            Wgmma<Tile::kPVN, T>::template rs_if<true>(o_acc, pf[ks], v_desc(stage, ks), 1, ks < steps);
         wgmma_commit();
     };
     // Every warp of the consumers arrives once its products are done with a stage's K or V.
@@ -462,6 +475,11 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
         } else if (w.n_tiles > 0) {
             // Tile 0's S and P first; then each step issues S of tile it and O += P V of tile
             // it - 1, and runs tile it's softmax while the latter is in flight.
+            // Tile 0's k-steps of O += P V: with kCutTail, those of its keys before the sequence's
+            // end (broadcast as `index` below, the same in every lane).
+            int steps0 = kPSteps;
+            if (kCutTail && w.masked_hi > 0)
+                steps0 = __shfl_sync(0xffffffff, ceil_div(p.seqlen_k - tile_of(0) * kBlockN, 16), 0);
             Probs pf;
             {
                 Scores s;
@@ -483,7 +501,8 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 to_fragments(s, pf);  // O is still 0: α has nothing to scale
                 FWD_SM90_TRACE(4);
             }
-            auto step = [&](int it, auto masked) {
+            // pv_cut (step 1 only): tile 0's O += P V over its first 16·steps0 keys.
+            auto step = [&](int it, auto masked, auto pv_cut) {
                 const int stage = stage_of(it), prev = stage_of(it - 1);
                 Scores s;
                 mbarrier_wait(k_full(stage), phase_of(it));
@@ -491,7 +510,8 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 wait_turn();
                 FWD_SM90_TRACE(2);
                 issue_qk(s, stage);
-                issue_pv(pf, prev);
+                if constexpr (decltype(pv_cut)::value) issue_pv_cut(pf, prev, steps0);
+                else issue_pv(pf, prev);
                 pass_turn();
                 wgmma_wait<1>();  // S has landed; O += P V still runs
                 fence_operands(s);
@@ -507,12 +527,21 @@ fwd_kernel_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ CUt
                 rescale_o(alpha);
                 to_fragments(s, pf);
             };
-            visit(1, step);
+            // With kCutTail, step 1, which issues tile 0's O += P V, runs before the loop (tile 1
+            // is unmasked: without a mask or a band only a ragged tail is masked).
+            const auto uncut = [&](int it, auto masked) { step(it, masked, std::false_type{}); };
+            if constexpr (kCutTail) {
+                if (w.n_tiles > 1) step(1, std::false_type{}, std::true_type{});
+                visit(2, uncut);
+            } else {
+                visit(1, uncut);
+            }
             const int last = stage_of(w.n_tiles - 1);
             mbarrier_wait(v_full(last), phase_of(w.n_tiles - 1));
             wait_turn();
             FWD_SM90_TRACE(6);
-            issue_pv(pf, last);
+            if (kCutTail && w.n_tiles == 1) issue_pv_cut(pf, last, steps0);
+            else issue_pv(pf, last);
             pass_turn();
             wgmma_wait<0>();
             fence_operands(o_acc);

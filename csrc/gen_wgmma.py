@@ -16,7 +16,7 @@ def regs(first, count):
     return ", ".join(f"%{first + i}" for i in range(count))
 
 
-def member(n, ptx_type, from_smem):
+def member(n, ptx_type, from_smem, guarded):
     acc = n // 2
     outputs = ", ".join(f'"+f"(d[{i}])' for i in range(acc))
     if from_smem:
@@ -28,16 +28,22 @@ def member(n, ptx_type, from_smem):
         a_inputs = ", ".join(f'"r"(a[{i}])' for i in range(4))
         rest = acc + 4
         imm = f"p, 1, 1, %{rest + 2}"  # A in registers: no trans-a
+    # Guarded (name_if): issued only where `run` is not 0, the same in every thread.
+    guard_arg, guard_pred, guard, guard_input = "", "", "", ""
+    if guarded:
+        name += "_if"
+        guard_arg, guard_input = ", int run", ', "r"(run)'
+        guard_pred, guard = f"\\n.reg .pred g;\\nsetp.ne.b32 g, %{rest + 3}, 0;", "@g "
     return (
         f"    template <bool kTransB>\n"
-        f"    __device__ __forceinline__ static void {name}(float (&d)[{acc}], {a_arg}, uint64_t desc_b, int scale_d) {{\n"
+        f"    __device__ __forceinline__ static void {name}(float (&d)[{acc}], {a_arg}, uint64_t desc_b, int scale_d{guard_arg}) {{\n"
         f"        asm volatile(\n"
-        f'            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{rest + 1}, 0;\\n"\n'
-        f'            "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_type}.{ptx_type} "\n'
+        f'            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{rest + 1}, 0;{guard_pred}\\n"\n'
+        f'            "{guard}wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_type}.{ptx_type} "\n'
         f'            "{{{regs(0, acc)}}}, "\n'
         f'            "{a_ptx}, %{rest}, {imm};\\n}}\\n"\n'
         f"            : {outputs}\n"
-        f'            : {a_inputs}, "l"(desc_b), "r"(scale_d), "n"(static_cast<int>(kTransB)));\n'
+        f'            : {a_inputs}, "l"(desc_b), "r"(scale_d), "n"(static_cast<int>(kTransB)){guard_input});\n'
         f"    }}\n")
 
 
@@ -46,13 +52,16 @@ def main():
              "namespace flash {\nnamespace sm90 {\n\n",
              "// Wgmma<N, T>::ss: D (64 x N) += A (64 x 16, shared memory) B (16 x N, shared memory);\n",
              "// Wgmma<N, T>::rs: the same with A in registers (the mma.m16n8k16 A fragment of each warp's 16 rows).\n",
-             "// kTransB reads B MN-major.\n",
+             "// kTransB reads B MN-major. Wgmma<N, T>::rs_if: rs, issued only where run is not 0 (the same\n",
+             "// in every thread of the warpgroup): a predicate, which ptxas turns into a branch around the\n",
+             "// wgmma, with a wgmma.fence it adds before it (advice C7519).\n",
              "template <int N, typename T>\nstruct Wgmma;\n\n"]
     for n in NS:
         for ctype, ptx_type in TYPES.items():
             parts.append(f"template <>\nstruct Wgmma<{n}, {ctype}> {{\n")
-            parts.append(member(n, ptx_type, True))
-            parts.append(member(n, ptx_type, False))
+            parts.append(member(n, ptx_type, True, False))
+            parts.append(member(n, ptx_type, False, False))
+            parts.append(member(n, ptx_type, False, True))
             parts.append("};\n\n")
     parts.append("}  // namespace sm90\n}  // namespace flash\n")
     OUT.write_text("".join(parts))

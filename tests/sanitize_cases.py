@@ -29,6 +29,7 @@ CASES = [  # (b, hq, hkv, nq, nk, d, causal, dtype, window, softcap)
     (1, 2, 2, 300, 700, 64, False, torch.float16, None, None),  # more key tiles than stages
     (1, 2, 1, 257, 600, 256, True, torch.bfloat16, None, None),
     (1, 2, 2, 300, 700, 256, False, torch.float16, None, None),  # ragged last key tile of 80
+    (1, 2, 1, 130, 50, 256, False, torch.bfloat16, None, None),  # one key tile, ragged
     (2, 9, 3, 1000, 1100, 128, False, torch.bfloat16, None, None),  # more query blocks than SMs
     (1, 2, 2, 380, 300, 64, False, torch.bfloat16, None, None),  # Hopper: three consumer warpgroups
     (1, 2, 1, 380, 700, 64, True, torch.float16, None, None),  # the same, causal

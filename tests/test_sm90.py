@@ -7,7 +7,8 @@ Also, wherever nvcc is: ptxas's report on each Hopper forward kernel. ptxas turn
 pipeline it cannot keep (registers short, accumulators read or written while in flight) into
 one product at a time, and says so only as advice (C7510-C7519); the kernels still compute
 the right answer, a third slower. Here that advice fails the test (C7510-C7529: C7520 is
-the same serialization, where a fence it inserts falls on a path it cannot prove uniform),
+the same serialization, where a fence it inserts falls on a path it cannot prove uniform;
+C7519, a fence it inserts, is let pass where the kernel skips k-steps on purpose),
 and so does any spill at head dims up to 128, but for the few bytes that d=64's three
 consumer warpgroups reload once a key tile (FwdConfigSm90). Where a cuobjdump is found
 (Triton's wheel carries one), each kernel's steady loop in the machine code too
@@ -99,7 +100,11 @@ def test_ptxas_keeps_the_hopper_forward_pipelined(tmp_path, head_dim, variant):
                          r"\d+ bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     tiles = 2 if head_dim == 256 or (head_dim == 64 and "band" not in variant) else 1
     assert len(kernels) == 2 * tiles, report
-    advice = [line for line in report.splitlines() if re.search(r"\(C75[12]\d\)", line)]
+    # C7519, a fence that ptxas adds before a wgmma, without serialising any: expected where a
+    # ragged tail's O += P V skips k-steps (kCutTail, head dim 256 without a mask), failed elsewhere.
+    cut_tail = head_dim == 256 and variant == "full"
+    advice = [line for line in report.splitlines()
+              if re.search(r"\(C75[12]\d\)", line) and not (cut_tail and "(C7519)" in line)]
     assert not advice, "\n".join(advice)
     for name, stores, loads in kernels:
         if "FwdTileSm90ILi64ELi128ELi2ELi3E" in name:  # three consumer warpgroups: a few reloads a key tile
