@@ -156,15 +156,16 @@ bool use_sm90(const at::Tensor& q, const at::Tensor& k, int kernel_head_dim) {
 // and the gap after it take a few microseconds of the GPU's time). Kept for the life of the
 // process, one per (device, stream; and host thread, for the per-thread default stream,
 // one handle for every thread's own stream). A stream capturing a CUDA graph gets a counter
-// of its own for the call, in `graph_counter`, with a memset the graph replays: a replay
-// may run beside anything, even beside the capturing stream's later work.
-int* sm90_block_counter(const at::Tensor& q, cudaStream_t stream, at::Tensor& graph_counter) {
+// of its own for the call, with a memset the graph replays: a replay may run beside
+// anything, even beside the capturing stream's later work. The caller holds the tensor
+// until the launch is made.
+at::Tensor sm90_block_counter(const at::Tensor& q, cudaStream_t stream) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
     if (capture != cudaStreamCaptureStatusNone) {
-        graph_counter = at::empty({1}, q.options().dtype(at::kInt));
+        at::Tensor graph_counter = at::empty({1}, q.options().dtype(at::kInt));
         C10_CUDA_CHECK(cudaMemsetAsync(graph_counter.data_ptr<int>(), 0, sizeof(int), stream));
-        return graph_counter.data_ptr<int>();
+        return graph_counter;
     }
     using Key = std::tuple<int, cudaStream_t, std::thread::id>;
     const Key key{q.device().index(), stream,
@@ -175,7 +176,7 @@ int* sm90_block_counter(const at::Tensor& q, cudaStream_t stream, at::Tensor& gr
     auto found = counters->find(key);
     if (found == counters->end())  // zeroed on `stream`, before the launch that follows
         found = counters->emplace(key, at::zeros({1}, q.options().dtype(at::kInt))).first;
-    return found->second.data_ptr<int>();
+    return found->second;
 }
 
 struct FwdLaunch {
@@ -328,8 +329,8 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
 
     const bool sm90 = use_sm90(q, k, kernel_head_dim);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    at::Tensor graph_counter;  // while a CUDA graph is captured (sm90_block_counter)
-    if (sm90) p.block_counter = sm90_block_counter(q, stream, graph_counter);
+    const at::Tensor block_counter = sm90 ? sm90_block_counter(q, stream) : at::Tensor();
+    if (sm90) p.block_counter = block_counter.data_ptr<int>();
     run_kernels(FwdLaunch{p, variant, sm90, stream}, kernel_head_dim, q.scalar_type() == at::kBFloat16, causal);
     return {o, lse};
 }
