@@ -4,7 +4,10 @@ same dtype) + a small absolute slack. Skipped without a GPU."""
 
 import math
 import re
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,3 +369,15 @@ def test_repeatable_and_input_errors():
     big = torch.randn(1, 2, 8, 68, device="cuda", dtype=torch.bfloat16)  # row stride 68: not 16-byte aligned
     with pytest.raises(ValueError, match="k strides"):
         flash_ext.attention(q, big[..., :64], big[..., :64].contiguous())
+
+
+def test_host_time_tool():
+    """bench/host_time.py (the host's time per eager call, against SDPA's backends) runs: a
+    row of four times per causal setting, and the kernels of one flash_ext call."""
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(repo / "bench" / "host_time.py"), "--calls", "20", "--shape", "1", "1",
+                          "128", "64"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = re.findall(r"^\| 1 1 128 64 \| ([01]) \|(?: [\d.]+ \|){4}$", run.stdout, re.M)
+    assert rows == ["0", "1"], run.stdout
+    assert re.search(r"kernels of one flash_ext.attention call: \[.*fwd_kernel", run.stdout), run.stdout
